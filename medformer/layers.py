@@ -1,0 +1,223 @@
+"""Small building blocks of the Medformer, all Opacus-compatible.
+
+Attention is written from ``nn.Linear`` (Opacus has per-sample gradient rules for it, not for
+``nn.MultiheadAttention``); normalisation is LayerNorm only (no BatchNorm). Modules that own a raw
+``nn.Parameter`` take exactly one batched tensor as input: Opacus's functorch fallback recomputes
+their per-sample gradients from that first input alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Mlp(nn.Module):
+    """Two-layer perceptron with GELU: [B, L, dim] -> [B, L, out_dim]."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.reshape(b, n, heads, d // heads).transpose(1, 2)  # [B, heads, L, d_head]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention from Linear layers: [B, L, dim] -> [B, L, dim]."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to a context: q [B, Q, dim], ctx [B, L, dim] -> [B, Q, dim]."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, q: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        k, v = self.kv(ctx).chunk(2, dim=-1)
+        q, k, v = (_split_heads(t, self.heads) for t in (self.q(q), k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention block for query tokens over a context."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_ctx = nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, q: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        q = q + self.attn(self.norm_q(q), self.norm_ctx(ctx))
+        return q + self.mlp(self.norm2(q))
+
+
+def sincos_table(grid: int, ndim: int, dim: int) -> torch.Tensor:
+    """Fixed sine-cosine position table for a ``grid``^ndim token grid: [grid**ndim, dim]."""
+    coords = torch.stack(
+        torch.meshgrid(*[torch.arange(grid, dtype=torch.float32)] * ndim, indexing="ij"), dim=-1
+    ).reshape(-1, ndim)
+    per_axis = max(2, (dim // ndim) // 2 * 2)
+    freqs = 1.0 / (10000 ** (torch.arange(per_axis // 2, dtype=torch.float32) / (per_axis // 2)))
+    parts = []
+    for a in range(ndim):
+        angles = coords[:, a : a + 1] * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    return F.pad(table, (0, dim - table.shape[1]))[:, :dim]
+
+
+class AddPosition(nn.Module):
+    """Adds a learnable position table (initialised sin-cos): [B, N, dim] -> [B, N, dim]."""
+
+    def __init__(self, grid: int, ndim: int, dim: int):
+        super().__init__()
+        self.pos = nn.Parameter(sincos_table(grid, ndim, dim) * 0.02 / 0.7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos
+
+
+class PatchEmbed(nn.Module):
+    """Conv tokenizer with kernel = stride = patch, then positions.
+
+    2D: [B, C, H, W] -> [B, grid^2, dim];  3D: [B, C, D, H, W] -> [B, grid^3, dim].
+    """
+
+    def __init__(self, *, ndim: int, in_channels: int, img_size: int, grid: int, dim: int):
+        super().__init__()
+        if img_size % grid:
+            raise ValueError(
+                f"token grid {grid} does not divide image size {img_size}; "
+                f"use a divisor such as {[g for g in range(2, 17) if img_size % g == 0]}"
+            )
+        self.ndim, self.in_channels, self.img_size = ndim, in_channels, img_size
+        self.grid, self.patch = grid, img_size // grid
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.proj = conv(in_channels, dim, kernel_size=self.patch, stride=self.patch)
+        self.position = AddPosition(grid, ndim, dim)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**self.ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_channels,) + (self.img_size,) * self.ndim
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        return self.position(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class Prepend(nn.Module):
+    """Prepends learnable tokens to a sequence: [B, N, dim] -> [B, T + N, dim]."""
+
+    def __init__(self, num_tokens: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.tokens.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+class QueryTokens(nn.Module):
+    """Learnable task query tokens, broadcast to the batch of ``x``: [B, ...] -> [B, Q, dim]."""
+
+    def __init__(self, num_queries: int, dim: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.queries.expand(x.shape[0], -1, -1)
+
+
+class MaskFill(nn.Module):
+    """Learnable mask token placed where ``mask`` is 1: mask [B, N, 1] -> [B, N, dim]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.token, std=0.02)
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask * self.token
+
+
+class Adapter(nn.Module):
+    """Residual bottleneck adapter: x + up(gelu(down(norm(x)))), starting as the identity."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden)
+        self.zero_init()
+
+    def zero_init(self) -> None:
+        nn.init.zeros_(self.mlp.fc2.weight)
+        nn.init.zeros_(self.mlp.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform Linear weights and zero biases, as in ViT/MAE."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
+        w = module.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+__all__ = [
+    "Adapter", "AddPosition", "Attention", "Block", "CrossAttention", "CrossBlock", "MaskFill",
+    "Mlp", "PatchEmbed", "Prepend", "QueryTokens", "init_weights", "sincos_table",
+]

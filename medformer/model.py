@@ -1,0 +1,262 @@
+"""The Medformer: Input Adaptformer -> shared Body -> Output Adaptformer.
+
+Our reading of the thesis design (see docs/DESIGN.md):
+
+* ``inputs.<kind>.*``: one conv tokenizer per input kind (``2d-1ch``, ``2d-3ch``, ``3d-1ch``) and image
+  size, so every size maps onto the same token grid (4x4 in 2D, 4x4x4 in 3D by default), with a
+  learnable position table per grid and a light residual adapter per kind.
+* ``latents.<dataset>.*``: a few learnable latent tokens per dataset, prepended to its patch tokens;
+  they tell the shared body which modality it is looking at.
+* ``body.*``: pre-norm transformer blocks shared by every hospital.
+* ``outputs.<task>.*``: task query tokens that cross-attend to the body's tokens plus a head
+  (``outputs.<dataset>`` for downstream tasks; pretext tasks add their own ``outputs.<name>``).
+
+The parameter-name prefix is the sharing scope, and federated aggregation relies on it: a hospital
+holds exactly the keys of a Medformer built for its own dataset (:func:`keys_for_dataset`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medformer.data import DatasetInfo, get_info
+from medformer.layers import Adapter, Block, CrossBlock, PatchEmbed, Prepend, QueryTokens, init_weights
+
+
+@dataclass(frozen=True)
+class MedformerConfig:
+    """Architecture of the Medformer.
+
+    Args:
+        dim: token width shared by every part.
+        depth: number of transformer blocks in the body.
+        heads: attention heads (must divide ``dim``).
+        mlp_ratio: hidden width of the MLPs as a multiple of ``dim``.
+        grid_2d: tokens per side for 2D inputs (16 tokens at 4; patch = size / grid).
+        grid_3d: tokens per side for 3D inputs (64 tokens at 4).
+        num_latents: latent tokens per dataset.
+        adapter_dim: bottleneck width of the per-kind input adapter.
+        num_queries: query tokens per downstream task head.
+        decoder_dim: width of the masked-reconstruction decoder.
+        decoder_depth: blocks in that decoder.
+        decoder_heads: attention heads in that decoder.
+    """
+
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    grid_2d: int = 4
+    grid_3d: int = 4
+    num_latents: int = 2
+    adapter_dim: int = 32
+    num_queries: int = 2
+    decoder_dim: int = 64
+    decoder_depth: int = 1
+    decoder_heads: int = 2
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                problems.append(f"{f.name}={value!r} must be a positive number")
+        if not problems:
+            if self.dim % self.heads:
+                problems.append(f"heads={self.heads} must divide dim={self.dim}")
+            if self.decoder_dim % self.decoder_heads:
+                problems.append(f"decoder_heads={self.decoder_heads} must divide decoder_dim={self.decoder_dim}")
+        if problems:
+            raise ValueError("invalid Medformer config: " + "; ".join(problems))
+
+
+PRESETS: dict[str, MedformerConfig] = {
+    # For tests: a few thousand parameters, milliseconds per step.
+    "tiny": MedformerConfig(dim=32, depth=1, heads=2, num_latents=1, adapter_dim=8, num_queries=1,
+                            decoder_dim=16, decoder_depth=1, decoder_heads=2),
+    # CPU-friendly default (~0.6M params): 16 tokens in 2D, 64 in 3D.
+    "default": MedformerConfig(),
+    # Wider and deeper, finer 2D grid (49 tokens): for machines with more compute.
+    "base": MedformerConfig(dim=192, depth=6, heads=6, mlp_ratio=4.0, grid_2d=7, num_latents=4,
+                            adapter_dim=48, num_queries=4, decoder_dim=128, decoder_depth=2, decoder_heads=4),
+}
+
+
+def make_config(preset: str = "default", **overrides) -> MedformerConfig:
+    """Preset by name, with field overrides. Unknown preset or field names are errors."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
+    fields = {f.name: f.type for f in dataclasses.fields(MedformerConfig)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown model field(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+DatasetRef = str | tuple[str, int]
+
+
+def _normalise(datasets: Iterable[DatasetRef]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for ref in datasets:
+        flag, size = (ref, 28) if isinstance(ref, str) else (ref[0], int(ref[1]))
+        get_info(flag)  # fails early, listing the valid flags
+        if (flag, size) not in out:
+            out.append((flag, size))
+    if not out:
+        raise ValueError("a Medformer needs at least one dataset")
+    return out
+
+
+class InputAdaptformer(nn.Module):
+    """Tokenizers (one per image size) + adapter for one input kind: image -> [B, N, dim]."""
+
+    def __init__(self, kind: str, sizes: Sequence[int], cfg: MedformerConfig):
+        super().__init__()
+        ndim = 3 if kind.startswith("3d") else 2
+        channels = int(kind.split("-")[1].rstrip("ch"))
+        grid = cfg.grid_3d if ndim == 3 else cfg.grid_2d
+        self.ndim = ndim
+        self.tokenizers = nn.ModuleDict(
+            {str(s): PatchEmbed(ndim=ndim, in_channels=channels, img_size=s, grid=grid, dim=cfg.dim)
+             for s in sorted(set(sizes))}
+        )
+        self.adapter = Adapter(cfg.dim, cfg.adapter_dim)
+
+    def tokenizer(self, size: int) -> PatchEmbed:
+        try:
+            return self.tokenizers[str(size)]
+        except KeyError:
+            raise ValueError(f"no tokenizer for size {size}; this model has {list(self.tokenizers)}") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.tokenizer(x.shape[-1])(x))
+
+
+class Body(nn.Module):
+    """Shared transformer: [B, L, dim] -> [B, L, dim] (normalised)."""
+
+    def __init__(self, cfg: MedformerConfig):
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(x))
+
+
+class TaskHead(nn.Module):
+    """Output Adaptformer for one task: queries cross-attend to tokens -> [B, num_outputs] logits."""
+
+    def __init__(self, cfg: MedformerConfig, num_outputs: int):
+        super().__init__()
+        self.queries = QueryTokens(cfg.num_queries, cfg.dim)
+        self.cross = CrossBlock(cfg.dim, cfg.heads, cfg.mlp_ratio)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.fc = nn.Linear(cfg.dim, num_outputs)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.cross(self.queries(tokens), tokens)
+        return self.fc(self.norm(q).mean(dim=1))
+
+
+class Medformer(nn.Module):
+    """Medformer for a set of datasets.
+
+    Args:
+        cfg: architecture.
+        datasets: MedMNIST flags, or (flag, size) pairs (size 28 when only a flag is given).
+        downstream_heads: build an ``outputs.<dataset>`` head per dataset (central evaluation does;
+            a hospital's pretraining model does not need them).
+        extra_outputs: further output modules by task name (pretext heads), kept under ``outputs.``.
+    """
+
+    def __init__(
+        self,
+        cfg: MedformerConfig,
+        datasets: Iterable[DatasetRef],
+        *,
+        downstream_heads: bool = True,
+        extra_outputs: Mapping[str, nn.Module] | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.datasets = _normalise(datasets)
+        self.infos: dict[str, DatasetInfo] = {f: get_info(f) for f, _ in self.datasets}
+        sizes_by_kind: dict[str, list[int]] = {}
+        for flag, size in self.datasets:
+            sizes_by_kind.setdefault(self.infos[flag].input_kind, []).append(size)
+        self.inputs = nn.ModuleDict({k: InputAdaptformer(k, s, cfg) for k, s in sizes_by_kind.items()})
+        self.latents = nn.ModuleDict({f: Prepend(cfg.num_latents, cfg.dim) for f in self.infos})
+        self.body = Body(cfg)
+        outputs: dict[str, nn.Module] = {}
+        if downstream_heads:
+            outputs.update({f: TaskHead(cfg, info.num_outputs) for f, info in self.infos.items()})
+        outputs.update(extra_outputs or {})
+        self.outputs = nn.ModuleDict(outputs)
+        self.apply(init_weights)
+        for m in self.modules():
+            if isinstance(m, Adapter):
+                m.zero_init()
+
+    # ---- Input Adaptformer -------------------------------------------------------------------
+    def info(self, dataset: str) -> DatasetInfo:
+        if dataset not in self.infos:
+            raise KeyError(f"dataset {dataset!r} is not in this model; it has {sorted(self.infos)}")
+        return self.infos[dataset]
+
+    def patch_tokens(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
+        """Image -> positioned, adapted patch tokens: [B, C, *S] -> [B, N, dim]."""
+        return self.inputs[self.info(dataset).input_kind](x)
+
+    def tokenizer(self, dataset: str, size: int) -> PatchEmbed:
+        return self.inputs[self.info(dataset).input_kind].tokenizer(size)
+
+    # ---- Body -----------------------------------------------------------------------------------
+    def encode_tokens(self, tokens: torch.Tensor, dataset: str) -> torch.Tensor:
+        """Patch tokens (all or a visible subset) -> body output with latents first: [B, T + N, dim]."""
+        return self.body(self.latents[dataset](tokens))
+
+    def forward_features(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
+        """Image -> body tokens [B, T + N, dim] (T = num_latents, first)."""
+        return self.encode_tokens(self.patch_tokens(x, dataset), dataset)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean of the patch tokens: [B, T + N, dim] -> [B, dim]."""
+        return tokens[:, self.cfg.num_latents :].mean(dim=1)
+
+    def embed(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
+        """Image -> pooled representation [B, dim] (what a linear probe sees)."""
+        return self.pool(self.forward_features(x, dataset))
+
+    # ---- Output Adaptformer ----------------------------------------------------------------------
+    def forward_head(self, tokens: torch.Tensor, dataset: str) -> torch.Tensor:
+        """Body tokens -> downstream logits [B, num_outputs]."""
+        return self.outputs[dataset](tokens)
+
+    def forward(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, dataset), dataset)
+
+    def encoder_keys(self) -> list[str]:
+        """State keys of the encoder (inputs, latents, body): what a probe freezes."""
+        return [k for k in self.state_dict() if k.split(".")[0] in ("inputs", "latents", "body")]
+
+
+def scope_of(key: str) -> str:
+    """Sharing scope of a parameter name: 'body', 'inputs.<kind>', 'latents.<dataset>' or 'outputs.<task>'."""
+    parts = key.split(".")
+    return parts[0] if parts[0] == "body" else ".".join(parts[:2])
+
+
+def keys_for_dataset(
+    cfg: MedformerConfig, dataset: DatasetRef, *, pretext_outputs: Mapping[str, nn.Module] | None = None,
+    downstream_heads: bool = False,
+) -> list[str]:
+    """The state keys a hospital holding ``dataset`` uses (and sends/receives in federation)."""
+    with torch.device("meta"):
+        model = Medformer(cfg, [dataset], downstream_heads=downstream_heads, extra_outputs=pretext_outputs)
+    return list(model.state_dict())

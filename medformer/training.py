@@ -1,0 +1,216 @@
+"""One hospital's local pretext training, plain or under DP-SGD.
+
+The same loop serves both: without DP it shuffles and walks the data in batches; with DP it draws
+Poisson-sampled batches (what the accountant assumes), computes per-sample gradients with Opacus's
+GradSampleModule hooks, clips, noises and records every step in the hospital's PrivacyLedger. A
+logical batch larger than ``max_physical_batch`` is processed in chunks whose clipped gradients are
+summed before the single noisy step (what Opacus's BatchMemoryManager does).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from medformer.data import MedMNISTSplit
+from medformer.model import Medformer
+from medformer.pretext import PretextObjective
+from medformer.privacy import PrivacyLedger, steps_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalTrainSpec:
+    """How a hospital trains in one round.
+
+    Args:
+        batch_size: (expected) batch size; with DP the Poisson rate is batch_size / n.
+        local_epochs: passes over the local data per round (fractions allowed).
+        local_steps: steps per round; overrides local_epochs when set.
+        lr: learning rate.
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+        optimizer: 'adamw' or 'sgd'.
+        proximal_mu: FedProx coefficient mu of (mu/2)||w - w_global||^2 (0 = off).
+        max_physical_batch: largest chunk pushed through the model at once.
+    """
+
+    batch_size: int = 128
+    local_epochs: float = 1.0
+    local_steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    proximal_mu: float = 0.0
+    max_physical_batch: int = 512
+
+    def steps(self, num_examples: int) -> int:
+        return steps_for(num_examples, self.batch_size, self.local_epochs, self.local_steps)
+
+
+@dataclass
+class LocalTrainResult:
+    num_examples: int
+    steps: int
+    seconds: float
+    images_per_second: float
+    loss: float
+    task_losses: dict[str, float] = field(default_factory=dict)
+    epsilon: float | None = None
+
+
+def make_optimizer(params, spec: LocalTrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose from adamw, sgd")
+
+
+def _shuffled_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
+    """``steps`` batches of indices, reshuffling at each pass over the data."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < min(batch_size, n):
+            order += torch.randperm(n, generator=gen).tolist()
+        yield np.asarray(order[:batch_size]), None
+        del order[:batch_size]
+
+
+def _poisson_batches(n: int, rate: float, steps: int, gen: torch.Generator):
+    """``steps`` Poisson-sampled batches: each record independently with probability ``rate``."""
+    for _ in range(steps):
+        yield (torch.rand(n, generator=gen) < rate).nonzero(as_tuple=True)[0].numpy(), None
+
+
+def _add_proximal_grad(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], mu: float) -> None:
+    """FedProx: add mu (w - w_global) to each gradient (the data-free prox term's gradient)."""
+    for p, a in zip(params, anchor):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - a, alpha=mu)
+
+
+def train_local(
+    model: Medformer,
+    objective: PretextObjective,
+    data: MedMNISTSplit,
+    dataset: str,
+    spec: LocalTrainSpec,
+    *,
+    generator: torch.Generator,
+    optimizer_state: Mapping | None = None,
+    ledger: PrivacyLedger | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[LocalTrainResult, dict]:
+    """Train ``model`` in place on ``data`` for one round.
+
+    Args:
+        model: the hospital's Medformer (only its own keys), already loaded with global weights.
+        objective: pretext tasks and weights.
+        data: the hospital's training split (or partition of it).
+        dataset: the MedMNIST flag of ``data``.
+        spec: optimisation settings.
+        generator: the hospital's RNG (batches, masks, rotations, DP noise); persists across rounds.
+        optimizer_state: the optimizer's state from the previous round, if kept.
+        ledger: DP-SGD accountant; when given, trains with DP-SGD at its plan's noise and clip.
+        on_step: called with (step, loss) after each step (progress display).
+
+    Returns:
+        The round's result and the optimizer's state dict.
+    """
+    n = len(data)
+    if n == 0:
+        raise ValueError(f"hospital data for {dataset} is empty")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, spec)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    anchor = [p.detach().clone() for p in params] if spec.proximal_mu > 0 else None
+    steps = spec.steps(n)
+    model.train()
+
+    gsm = None
+    if ledger is not None:
+        if not objective.per_sample:
+            raise ValueError(
+                f"pretext task(s) {', '.join(objective.non_per_sample_tasks())} are not sums of per-sample "
+                "losses; DP-SGD cannot protect them"
+            )
+        plan = ledger.plan
+        gsm = GradSampleModule(model, loss_reduction="mean")
+        optimizer = DPOptimizer(
+            optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=max(1, round(plan.sample_rate * n)), generator=generator,
+        )
+
+        def after_noise(opt: DPOptimizer) -> None:
+            ledger.record_step()
+            if anchor is not None:
+                _add_proximal_grad(params, anchor, spec.proximal_mu)
+
+        optimizer.attach_step_hook(after_noise)
+        batches = _poisson_batches(n, plan.sample_rate, steps, generator)
+    else:
+        batches = _shuffled_batches(n, spec.batch_size, steps, generator)
+
+    start = time.perf_counter()
+    seen, loss_sum, task_sums = 0, 0.0, {k: 0.0 for k in objective.tasks}
+    try:
+        for step, (idx, _) in enumerate(batches):
+            chunks = [idx[i : i + spec.max_physical_batch] for i in range(0, len(idx), spec.max_physical_batch)]
+            step_loss = 0.0
+            if not chunks:  # an empty Poisson batch still takes a (pure-noise) step
+                _empty_step(optimizer, params)
+            for c, chunk in enumerate(chunks):
+                x, _ = data.batch(chunk)
+                w = len(chunk) / len(idx)
+                last = c == len(chunks) - 1
+                # DP: per-sample gradients need a fresh grad_sample per chunk (the DPOptimizer keeps
+                # the clipped sum across skipped steps). Plain: gradients accumulate, chunk-weighted.
+                if gsm is not None or c == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                loss, parts = objective(model, x, dataset, generator)
+                (loss if gsm is not None else loss * w).backward()
+                if gsm is not None:
+                    optimizer.signal_skip_step(do_skip=not last)
+                elif anchor is not None:
+                    _add_proximal_grad(params, anchor, spec.proximal_mu)
+                if gsm is not None or last:
+                    optimizer.step()
+                step_loss += float(loss) * w
+                for k, v in parts.items():
+                    task_sums[k] += v * len(chunk)
+            if not np.isfinite(step_loss):
+                raise FloatingPointError(f"pretext loss became {step_loss} at local step {step} on {dataset}")
+            seen += len(idx)
+            loss_sum += step_loss * len(idx)
+            if on_step is not None:
+                on_step(step, step_loss)
+    finally:
+        if gsm is not None:
+            gsm._close()  # remove hooks: the model is reused plain (evaluation, next round)
+            for p in model.parameters():
+                for attr in ("grad_sample", "summed_grad", "_current_grad_sample", "_forward_counter"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+    seconds = time.perf_counter() - start
+    result = LocalTrainResult(
+        num_examples=n, steps=steps, seconds=seconds, images_per_second=seen / max(seconds, 1e-9),
+        loss=loss_sum / max(seen, 1), task_losses={k: v / max(seen, 1) for k, v in task_sums.items()},
+        epsilon=ledger.epsilon() if ledger is not None else None,
+    )
+    state = (optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer).state_dict()
+    return result, state
+
+
+def _empty_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """DP step on an empty Poisson batch: zero per-sample gradients, so the update is noise only."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
