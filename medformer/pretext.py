@@ -173,9 +173,11 @@ class RotationPrediction(PretextTask):
     def build_head(self, cfg, datasets):
         return RotationHead(cfg, [3 if get_info(f).is_3d else 2 for f, _ in datasets])
 
-    def losses(self, model, x, dataset, generator=None):
+    def losses(self, model, x, dataset, generator=None, labels: torch.Tensor | None = None):
+        """``labels`` [B] fixes each sample's rotation class; random when None."""
         ndim = x.dim() - 2
-        labels = torch.randint(0, num_rotations(ndim), (x.shape[0],), generator=generator).to(x.device)
+        if labels is None:
+            labels = torch.randint(0, num_rotations(ndim), (x.shape[0],), generator=generator).to(x.device)
         feats = model.embed(rotate(x, labels), dataset)
         logits = model.outputs[self.name].heads[f"{ndim}d"](feats)
         return F.cross_entropy(logits, labels, reduction="none")

@@ -72,6 +72,9 @@ def plan_dp(*, num_examples: int, batch_size: int, steps_per_round: int, rounds:
         raise ValueError("give exactly one of target_epsilon and noise_multiplier")
     if num_examples <= 0 or batch_size <= 0 or steps_per_round <= 0 or rounds <= 0:
         raise ValueError("num_examples, batch_size, steps_per_round and rounds must be positive")
+    if (noise_multiplier is not None and noise_multiplier < 0) or not max_grad_norm > 0:
+        raise ValueError(f"noise_multiplier must be >= 0 and max_grad_norm > 0, got "
+                         f"{noise_multiplier} and {max_grad_norm}")
     make_accountant(accountant)  # validates the name
     q = min(1.0, batch_size / num_examples)
     delta = default_delta(num_examples) if delta is None else delta
@@ -91,6 +94,8 @@ def epsilon_of(history: list[tuple[float, float, int]], *, delta: float, account
     """Epsilon of an accountant history [(noise_multiplier, sample_rate, steps), ...]."""
     if not history:
         return 0.0
+    if any(float(sigma) == 0 and float(q) > 0 and int(steps) > 0 for sigma, q, steps in history):
+        return math.inf  # a noiseless step releases exact gradients (and PRV would overflow)
     acc = make_accountant(accountant)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))

@@ -188,7 +188,7 @@ class TrainingSpec:
     lr: float = _f(1.0e-3, gt=0, le=10)
     weight_decay: float = _f(0.05, ge=0, le=10)
     optimizer: Optimizer = "adamw"
-    keep_optimizer_state: bool = True
+    keep_optimizer_state: bool = False
 
 
 @dataclass(kw_only=True)
@@ -269,7 +269,9 @@ class PrivacySpec:
 
     def _check(self) -> list[tuple[tuple, str]]:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
-            return [((), "set exactly one of target_epsilon or noise_multiplier")]
+            got = "neither" if self.target_epsilon is None else "both"
+            return [((), f"set exactly one of target_epsilon (noise calibrated to it) or "
+                     f"noise_multiplier (epsilon reported), got {got}")]
         return []
 
 
@@ -587,7 +589,7 @@ def _build(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     elif origin is dict:
         return _build_dict(tp, value, path, problems)
     elif origin is list:
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             problems.append(f"{path}: expected a list, got {_show(value)}")
             return _BAD
         items = [_build(get_args(tp)[0], v, _join(path, i), problems) for i, v in enumerate(value)]
@@ -616,7 +618,7 @@ def _build_dict(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
 def _build_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> Any:
     where = path or "scenario"
     if not isinstance(value, Mapping):
-        problems.append(f"{where}: expected a mapping of {cls.__name__} fields, got {_show(value)}")
+        problems.append(f"{where}: expected a mapping, got {_show(value)}")
         return _BAD
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -636,8 +638,8 @@ def _build_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> A
             continue
         v = _build(hints[name], value[name], sub, problems)
         bounds = f.metadata.get("bounds")
-        if v is not _BAD and v is not None and bounds and not _check_bounds(v, bounds, sub, problems):
-            v = _BAD
+        if v is not _BAD and v is not None and bounds:
+            v = v if _check_bounds(v, bounds, sub, problems) else _BAD
         kwargs[name] = v
         bad |= v is _BAD
     if bad:
@@ -779,7 +781,8 @@ def load_scenario(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Sce
         raise ScenarioError(f"{path}: invalid YAML{where}: {what}") from e
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else _show(raw)
-        raise ScenarioError(f"{path}: expected a mapping of scenario fields at top level, got {got}")
+        raise ScenarioError(f"{path}: expected a mapping of scenario fields at top level, "
+                            f"got {got}")
     return scenario_from_dict(apply_overrides(raw, overrides))
 
 

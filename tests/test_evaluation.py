@@ -1,0 +1,312 @@
+"""Tests for medformer.evaluation: losses, official metrics, linear probe, fine-tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from medmnist.evaluator import getACC, getAUC
+
+from medformer.data import get_info, load_splits, write_synthetic_npz
+from medformer.evaluation import (
+    evaluate_encoder,
+    extract_features,
+    fine_tune,
+    head_loss,
+    head_scores,
+    label_subset,
+    linear_probe,
+    official_metrics,
+    random_init_reference,
+)
+from medformer.model import Medformer, make_config
+
+# One flag per MedMNIST task type.
+FLAGS = {
+    "binary-class": "breastmnist",
+    "multi-class": "bloodmnist",
+    "multi-label, binary-class": "chestmnist",
+    "ordinal-regression": "retinamnist",
+}
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("synth")
+    write_synthetic_npz(folder, "breastmnist", n_train=128, n_val=48, n_test=48, seed=1)
+    for flag in ("bloodmnist", "chestmnist", "retinamnist"):
+        write_synthetic_npz(folder, flag, n_train=96, n_val=48, n_test=48, seed=2)
+    return folder
+
+
+def _splits(folder, flag: str):
+    return load_splits(flag, data_dir=folder, verify=False)
+
+
+def _model(flag: str, seed: int = 0, *, heads: bool = True) -> Medformer:
+    torch.manual_seed(seed)
+    return Medformer(make_config("tiny"), [flag], downstream_heads=heads)
+
+
+def _labels(task: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    if task.startswith("multi-label"):
+        y = (rng.random((n, k)) < 0.4).astype(np.int64)
+        y[0], y[1] = 1, 0  # both values for every label
+        return y
+    return (np.arange(n) % k).reshape(n, 1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- losses and scores
+
+
+@pytest.mark.parametrize("task", list(FLAGS))
+def test_head_loss_per_sample_finite_and_differentiable(task: str) -> None:
+    info = get_info(FLAGS[task])
+    rng = np.random.default_rng(0)
+    logits = torch.randn(6, info.num_outputs, requires_grad=True)
+    labels = torch.from_numpy(_labels(task, 6, info.n_classes, rng))
+    loss = head_loss(logits, labels, task)
+    assert loss.shape == (6,)
+    assert torch.isfinite(loss).all() and (loss >= 0).all()
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_head_loss_ordinal_is_cumulative_bce() -> None:
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.1]])  # 4 thresholds, 5 grades
+    loss = head_loss(logits, torch.tensor([[2]]), "ordinal-regression")
+    p = torch.sigmoid(logits[0])
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0])  # y=2 > k for k = 0, 1
+    expected = -(target * p.log() + (1 - target) * (1 - p).log()).sum()
+    torch.testing.assert_close(loss[0], expected)
+
+
+def test_head_loss_rejects_wrong_task_and_shapes() -> None:
+    with pytest.raises(ValueError, match="unknown MedMNIST task"):
+        head_loss(torch.zeros(2, 2), torch.zeros(2, 1, dtype=torch.long), "regression")
+    with pytest.raises(ValueError, match="multi-label"):
+        head_loss(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.long), "multi-label, binary-class")
+
+
+@pytest.mark.parametrize("task", list(FLAGS))
+def test_head_scores_format_matches_official_evaluator(task: str) -> None:
+    info = get_info(FLAGS[task])
+    rng = np.random.default_rng(1)
+    n = 40
+    scores = head_scores(torch.randn(n, info.num_outputs) * 3, task)
+    assert scores.shape == (n, info.n_classes)
+    assert scores.dtype == np.float64
+    assert np.all((scores >= 0) & (scores <= 1))
+    if not task.startswith("multi-label"):
+        np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-9)
+    y = _labels(task, n, info.n_classes, rng)
+    m = official_metrics(y, scores, task)  # the official functions accept the format
+    assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["acc"] <= 1.0
+
+
+def test_head_scores_ordinal_from_cumulative_probabilities() -> None:
+    big = 30.0
+    # Confident "y > 0, y > 1, not y > 2, not y > 3" -> grade 2.
+    scores = head_scores(torch.tensor([[big, big, -big, -big]]), "ordinal-regression")
+    np.testing.assert_allclose(scores[0], [0, 0, 1, 0, 0], atol=1e-9)
+    # Inconsistent cumulative probabilities (P(y>1) > P(y>0)) are clipped at 0 and renormalised.
+    scores = head_scores(torch.tensor([[0.0, 2.0]]), "ordinal-regression")
+    p0, p1 = torch.sigmoid(torch.tensor([0.0, 2.0], dtype=torch.float64)).tolist()
+    raw = np.array([1 - p0, 0.0, p1])
+    np.testing.assert_allclose(scores[0], raw / raw.sum())
+
+
+def test_head_scores_binary_and_multilabel_values() -> None:
+    logits = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    np.testing.assert_allclose(head_scores(logits, "binary-class"), torch.softmax(logits.double(), 1).numpy())
+    np.testing.assert_allclose(head_scores(logits, "multi-label, binary-class"),
+                               torch.sigmoid(logits.double()).numpy())
+
+
+# --------------------------------------------------------------------------- official metrics
+
+
+def test_official_metrics_equal_medmnist_functions() -> None:
+    rng = np.random.default_rng(3)
+    cases = {
+        "binary-class": (np.array([[0], [1], [1], [0], [1], [0]]), rng.dirichlet([1, 1], 6)),
+        "multi-class": (np.array([[0], [1], [2], [2], [1], [0]]), rng.dirichlet([1, 1, 1], 6)),
+        "ordinal-regression": (np.array([[0], [1], [2], [2], [1], [0]]), rng.dirichlet([1, 1, 1], 6)),
+        "multi-label, binary-class": (np.array([[0, 1], [1, 0], [1, 1], [0, 0], [1, 0], [0, 1]]),
+                                      rng.random((6, 2))),
+    }
+    for task, (y, s) in cases.items():
+        got = official_metrics(y, s, task)
+        assert got == {"auc": float(getAUC(y, s, task)), "acc": float(getACC(y, s, task))}, task
+        assert isinstance(got["auc"], float) and isinstance(got["acc"], float)
+
+
+def test_official_metrics_perfect_scores_and_hand_values() -> None:
+    y = np.array([[0], [0], [1], [1]])
+    s = np.array([[0.9, 0.1], [0.6, 0.4], [0.45, 0.55], [0.2, 0.8]])
+    assert official_metrics(y, s, "binary-class") == {"auc": 1.0, "acc": 1.0}
+    # Separable ranking, but threshold 0.5 misclassifies the second positive: ACC 3/4.
+    s2 = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.2, 0.8]])
+    assert official_metrics(y, s2, "binary-class") == {"auc": 1.0, "acc": 0.75}
+    y3 = np.array([[0], [1], [2]])
+    assert official_metrics(y3, np.eye(3), "multi-class") == {"auc": 1.0, "acc": 1.0}
+    with pytest.raises(ValueError, match="rows"):
+        official_metrics(y, s[:3], "binary-class")
+
+
+# --------------------------------------------------------------------------- label subsets
+
+
+@pytest.mark.parametrize("task", ["multi-class", "binary-class"])
+def test_label_subset_stratified_keeps_every_class(task: str) -> None:
+    y = np.array([0] * 90 + [1] * 8 + [2] * 2).reshape(-1, 1) if task == "multi-class" else \
+        np.array([0] * 95 + [1] * 5).reshape(-1, 1)
+    idx = label_subset(y, task, fraction=0.1, seed=0)
+    assert len(idx) == 10
+    assert set(np.unique(y[idx])) == set(np.unique(y))
+    assert np.array_equal(idx, label_subset(y, task, fraction=0.1, seed=0))  # deterministic
+    assert not np.array_equal(idx, label_subset(y, task, fraction=0.1, seed=1))
+    capped = label_subset(y, task, max_examples=4, seed=0)
+    assert len(capped) == 4 and set(np.unique(y[capped])) == set(np.unique(y))
+    assert np.array_equal(label_subset(y, task), np.arange(100))
+
+
+def test_label_subset_multilabel_has_both_values_per_label() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 5)) < 0.05).astype(np.int64)
+    y[7, 4] = 1  # make sure a rare label exists
+    idx = label_subset(y, "multi-label, binary-class", fraction=0.02, seed=0)
+    assert len(idx) < 20
+    for j in range(5):
+        assert set(np.unique(y[idx, j])) == set(np.unique(y[:, j]))
+
+
+def test_label_subset_rejects_bad_arguments() -> None:
+    y = np.zeros((10, 1), np.int64)
+    with pytest.raises(ValueError, match="label_fraction"):
+        label_subset(y, "binary-class", fraction=0.0)
+    with pytest.raises(ValueError, match="max_train_examples"):
+        label_subset(y, "binary-class", max_examples=0)
+
+
+# --------------------------------------------------------------------------- features and probe
+
+
+def test_extract_features_shape_and_mode_restored(synth_dir) -> None:
+    sp = _splits(synth_dir, "breastmnist")
+    model = _model("breastmnist")
+    model.train()
+    feats = extract_features(model, sp["val"], "breastmnist", batch_size=7)  # several batches
+    assert feats.shape == (48, model.cfg.dim) and feats.dtype == np.float32
+    assert model.training
+    with torch.no_grad():
+        ref = model.eval().embed(sp["val"].batch(slice(0, 5))[0], "breastmnist").numpy()
+    np.testing.assert_allclose(feats[:5], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_probe_learns_binary_signal_and_is_deterministic(synth_dir) -> None:
+    sp = _splits(synth_dir, "breastmnist")
+    model = _model("breastmnist")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = linear_probe(model, sp, "breastmnist")
+    assert res["auc"] > 0.8
+    assert 0.0 <= res["acc"] <= 1.0 and res["val_auc"] > 0.8
+    assert res["C"] in (0.01, 0.1, 1.0, 10.0)
+    assert res["n_train"] == 128
+    again = linear_probe(model, sp, "breastmnist")
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("task", ["multi-class", "multi-label, binary-class", "ordinal-regression"])
+def test_linear_probe_every_task_type(synth_dir, task: str) -> None:
+    flag = FLAGS[task]
+    sp = _splits(synth_dir, flag)
+    res = linear_probe(_model(flag, heads=False), sp, flag, Cs=(0.1,))
+    assert 0.0 <= res["auc"] <= 1.0 and 0.0 <= res["acc"] <= 1.0
+    assert res["auc"] > 0.6  # the synthetic blobs are learnable
+
+
+def test_linear_probe_label_fraction_reduces_train_and_keeps_classes(synth_dir) -> None:
+    sp = _splits(synth_dir, "bloodmnist")  # 8 classes, 12 examples each
+    res = linear_probe(_model("bloodmnist"), sp, "bloodmnist", label_fraction=0.1, Cs=(1.0,))
+    assert res["n_train"] == 10  # round(0.1 * 96), at least one per class
+    idx = label_subset(sp["train"].labels, "multi-class", fraction=0.1, seed=0)
+    assert len(idx) == res["n_train"]
+    assert set(np.unique(sp["train"].labels[idx])) == set(range(8))
+    capped = linear_probe(_model("bloodmnist"), sp, "bloodmnist", max_train_examples=16, Cs=(1.0,))
+    assert capped["n_train"] == 16
+
+
+def test_linear_probe_rejects_wrong_splits(synth_dir) -> None:
+    sp = _splits(synth_dir, "breastmnist")
+    with pytest.raises(ValueError, match="breastmnist"):
+        linear_probe(_model("breastmnist"), sp, "bloodmnist")
+    with pytest.raises(ValueError, match="test"):
+        linear_probe(_model("breastmnist"), {"train": sp["train"], "val": sp["val"]}, "breastmnist")
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def test_fine_tune_improves_and_leaves_model_untouched(synth_dir) -> None:
+    sp = _splits(synth_dir, "breastmnist")
+    model = _model("breastmnist")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[dict] = []
+    res = fine_tune(model, sp, "breastmnist", epochs=6, batch_size=16, seed=0, progress=seen.append)
+    assert res["auc"] > 0.75  # chance is 0.5
+    assert res["epochs"] == 6 and 1 <= res["best_epoch"] <= 6 and res["n_train"] == 128
+    assert [s["epoch"] for s in seen] == list(range(1, 7))
+    assert res["val_auc"] == max(s["val_auc"] for s in seen)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_fine_tune_deterministic_with_label_fraction_and_new_head(synth_dir) -> None:
+    sp = _splits(synth_dir, "retinamnist")
+    model = _model("retinamnist", heads=False)
+    kw = dict(epochs=2, batch_size=16, label_fraction=0.5, seed=3)
+    a = fine_tune(model, sp, "retinamnist", **kw)
+    b = fine_tune(model, sp, "retinamnist", **kw)
+    assert a["n_train"] == 48
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert "retinamnist" not in model.outputs  # the new head lives only in the copy
+
+
+# --------------------------------------------------------------------------- conveniences
+
+
+def test_evaluate_encoder_and_random_init(synth_dir) -> None:
+    sp = _splits(synth_dir, "breastmnist")
+    model = _model("breastmnist", seed=5)
+    out = evaluate_encoder(model, "breastmnist", sp, methods=("linear_probe", "random_init", "fine_tune"),
+                           seed=1, epochs=1, Cs=(1.0,), max_train_examples=32)
+    assert set(out) == {"linear_probe", "random_init", "fine_tune"}
+    assert out["fine_tune"]["epochs"] == 1
+    assert all(r["n_train"] == 32 for r in out.values())
+    ref = random_init_reference(model.cfg, "breastmnist", sp, 1, Cs=(1.0,), max_train_examples=32)
+    assert {k: v for k, v in ref.items() if k != "seconds"} == \
+        {k: v for k, v in out["random_init"].items() if k != "seconds"}
+    s0 = torch.random.get_rng_state()
+    random_init_reference(model.cfg, ("breastmnist", 28), sp, 1, Cs=(1.0,), max_train_examples=32)
+    assert torch.equal(torch.random.get_rng_state(), s0)  # global RNG untouched
+    with pytest.raises(ValueError, match="unknown evaluation method"):
+        evaluate_encoder(model, "breastmnist", sp, methods=("knn",))
+    with pytest.raises(TypeError, match="epochs"):
+        evaluate_encoder(model, "breastmnist", sp, methods=("linear_probe",), epochs=3)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.real_data
+def test_linear_probe_random_tiny_model_on_real_breastmnist(real_data_dir) -> None:
+    sp = load_splits("breastmnist", data_dir=real_data_dir)
+    res = linear_probe(_model("breastmnist", heads=False), sp, "breastmnist")
+    assert res["n_train"] == get_info("breastmnist").n_samples["train"]
+    for key in ("auc", "acc", "val_auc"):
+        assert 0.0 <= res[key] <= 1.0, (key, res)
