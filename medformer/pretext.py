@@ -95,10 +95,11 @@ class MaskedReconstruction(PretextTask):
     name = "mae"
     per_sample = True
 
-    def __init__(self, *, mask_ratio: float = 0.75):
+    def __init__(self, *, mask_ratio: float = 0.75, norm_pix: bool = True):
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio
+        self.norm_pix = norm_pix  # targets normalised per patch (MAE's norm_pix_loss)
 
     def build_head(self, cfg, datasets):
         return MAEDecoder(cfg, datasets)
@@ -128,7 +129,8 @@ class MaskedReconstruction(PretextTask):
         decoded = head.blocks(torch.cat([encoded[:, :t], head.positions[key](full)], dim=1))
         pred = head.pixels[key](head.norm(decoded)[:, t:])             # [B, N, p^ndim * C]
         target = patchify(x, tok.patch)
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        if self.norm_pix:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         per_patch = ((pred - target) ** 2).mean(-1)
         return (per_patch * mask).sum(1) / mask.sum(1)
 
