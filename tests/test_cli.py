@@ -148,3 +148,23 @@ def test_resume_after_kill_9_gives_the_same_final_weights(tmp_path, real_data_di
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), f"{k} differs after resume"
+
+
+@pytest.mark.slow
+def test_five_hospitals_mix_2d_and_3d_in_one_federation(tmp_path, real_data_dir):
+    import json
+
+    out = tmp_path / "five"
+    proc = _medfl("run", str(REPO / "simulations" / "configs" / "five-hospitals.yaml"), "--data-dir",
+                  str(real_data_dir), "--out", str(out), "--no-progress", "--set", "training.rounds=1",
+                  "--set", "training.batch_size=32", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["downstream"]) == {"breastmnist", "pneumoniamnist", "retinamnist", "adrenalmnist3d",
+                                          "vesselmnist3d"}
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(line["trained"]) == {"breast", "pneumonia", "retina", "adrenal", "vessel"}
+    # 3D hospitals carry the 3D tokenizer and decoder, 2D ones do not: they exchange different byte counts.
+    sent = line["bytes_sent"]
+    assert sent["adrenal"] == sent["vessel"] != sent["breast"] == sent["pneumonia"]
+    assert max(sent.values()) < summary["model"]["global_bytes"]
