@@ -48,6 +48,9 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 def plot_downstream(metrics: list[dict], path: Path) -> None:
     rows = [(m["round"], d, ms) for m in metrics if "downstream" in m for d, ms in m["downstream"].items()]
     datasets = sorted({d for _, d, _ in rows})
+    if len({r for r, _, _ in rows}) <= 1:  # one evaluation: a curve would be a dot, show bars instead
+        _bars(rows, datasets, path)
+        return
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for i, d in enumerate(datasets):
         pts = [(r, ms["linear_probe"]["auc"], ms.get("random_init", {}).get("auc")) for r, dd, ms in rows
@@ -64,6 +67,28 @@ def plot_downstream(metrics: list[dict], path: Path) -> None:
     ax.set_title("downstream linear-probe AUC")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(rows: list, datasets: list[str], path: Path) -> None:
+    methods = sorted({m for _, _, ms in rows for m in ms})
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(datasets) + 2), 3.8))
+    width = 0.8 / max(1, len(methods))
+    for j, method in enumerate(methods):
+        vals = [next((ms[method]["auc"] for _, dd, ms in rows if dd == d and method in ms), float("nan"))
+                for d in datasets]
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(datasets))]
+        ax.bar(xs, vals, width, label=method)
+        for x, v in zip(xs, vals):
+            ax.text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(datasets)), datasets, fontsize=8)
+    ax.set_ylabel("test AUC")
+    ax.set_ylim(0.5, 1.0)
+    ax.set_title(f"downstream AUC (round {rows[0][0] if rows else '-'})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
