@@ -10,10 +10,21 @@ Flower's own tooling (``flwr run .`` / ``flwr run . <connection>``), which passe
     data-dir          MedMNIST folder for central evaluation (default: $MEDMNIST_DATA)
     out-dir           output folder (default: runs/<scenario>-<time> under the current folder)
     expected-nodes    wait for this many sites (0 = simulation: one per scenario client;
-                      -1 = deployment: whoever is connected after discovery-wait seconds)
+                      -1 = deployment: whoever is connected after discovery-wait seconds;
+                      unset: 0 under the simulation engine, -1 in a deployment)
+    discovery-wait    seconds to let sites connect when expected-nodes is -1 (default 10)
+
+Every key is declared in ``[tool.flwr.app.config]`` (the SuperLink refuses undeclared keys); the
+empty string there means "not set: keep the scenario's value / the default above".
+
+In a deployment (SuperNodes started with ``--node-config 'dataset=... data-dir=...'``) the sites
+are discovered, not listed: the global model and the central evaluation cover exactly the
+(dataset, size) pairs of the sites that answered discovery; the scenario's hospital list is
+replaced by them (the scenario still supplies model, pretext, training, strategy, evaluation).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +35,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import Federation, RunSettings
-from simulations.scenario import load_scenario
+from simulations.scenario import HospitalSpec, load_scenario
 
 log = logging.getLogger("medfl.server")
 
@@ -48,8 +59,13 @@ RUN_CONFIG_FIELDS = {
 app = ServerApp()
 
 
-def settings_from_run_config(run_config: dict) -> RunSettings:
-    """RunSettings from Flower's run config (``flwr run``)."""
+def settings_from_run_config(run_config: dict, *, deployment: bool = False) -> RunSettings:
+    """RunSettings from Flower's run config (``flwr run``); ``""`` means "not set".
+
+    ``deployment``: the ServerApp talks to real SuperNodes (not the simulation engine); it decides
+    what an unset ``expected-nodes`` means.
+    """
+    run_config = {k: v for k, v in run_config.items() if v != ""}
     scenario_path = Path(str(run_config.get("scenario", "simulations/configs/quickstart.yaml")))
     if not scenario_path.is_absolute():
         scenario_path = APP_DIR / scenario_path
@@ -57,13 +73,43 @@ def settings_from_run_config(run_config: dict) -> RunSettings:
     scenario = load_scenario(scenario_path, overrides)
     data_dir = str(run_config.get("data-dir", "")) or os.environ.get("MEDMNIST_DATA")
     out = str(run_config.get("out-dir", "")) or f"runs/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    expected = int(run_config.get("expected-nodes", 0))
+    expected = int(run_config.get("expected-nodes", -1 if deployment else 0))
     return RunSettings(
         scenario=scenario, out_dir=Path(out).resolve(), data_dir=data_dir,
         expected_nodes=len(scenario.clients()) if expected == 0 else (None if expected < 0 else expected),
         discovery_wait=float(run_config.get("discovery-wait", 10.0)),
         progress=False,
     )
+
+
+def is_simulation(grid: Grid) -> bool:
+    """True under Flower's simulation engine (``medfl run``, ``flwr run .``), False against SuperNodes."""
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # pragma: no cover - layout of another Flower version
+        return type(grid).__name__ == "InMemoryGrid"
+    return isinstance(grid, InMemoryGrid)
+
+
+class DiscoveredFederation(Federation):
+    """A deployment's federation: the sites that answer discovery define the model and evaluation.
+
+    Discovery runs first; the scenario's hospital list is replaced by the discovered sites (name,
+    dataset, size), so the initial global model holds exactly their input kinds and latents (a 3D
+    site gets ``inputs.3d-1ch.*``), and central evaluation covers exactly their datasets.
+    """
+
+    def run(self, grid: Grid) -> dict:
+        self._sites = Federation.discover(self, grid)
+        found = sorted(self._sites.values(), key=lambda s: s.name)
+        self.scenario = dataclasses.replace(
+            self.scenario, hospitals=[HospitalSpec(name=s.name, dataset=s.dataset, size=s.size) for s in found])
+        log.info("discovered %d sites: %s", len(found),
+                 ", ".join(f"{s.name} ({s.dataset}@{s.size}, {s.num_examples} examples)" for s in found))
+        return super().run(grid)
+
+    def discover(self, grid: Grid) -> dict:
+        return self._sites
 
 
 def settings_from_spec(path: str) -> RunSettings:
@@ -79,7 +125,9 @@ def settings_from_spec(path: str) -> RunSettings:
 def main(grid: Grid, context: Context) -> None:
     """Discover the sites, run the rounds, evaluate and checkpoint, write the report."""
     spec = os.environ.get(SPEC_ENV)
-    settings = settings_from_spec(spec) if spec else settings_from_run_config(dict(context.run_config))
-    summary = Federation(settings).run(grid)
+    deployment = not is_simulation(grid)
+    settings = (settings_from_spec(spec) if spec
+                else settings_from_run_config(dict(context.run_config), deployment=deployment))
+    summary = (DiscoveredFederation if deployment and not spec else Federation)(settings).run(grid)
     log.info("finished %s: %d rounds, summary in %s", summary["scenario"], summary["rounds_completed"],
              settings.out_dir / "summary.json")
