@@ -84,6 +84,7 @@ class KeyedFedAvg(FedAvg):
         self.report = RoundReport()
         self._current: ArrayRecord | None = None
         self._sent: dict[int, ArrayRecord] = {}
+        self._messages: dict[int, Message] = {}
 
     def summary(self) -> None:
         log.info("KeyedFedAvg: %d sites, rule=%s, server optimizer=%s, fraction_train=%.2f, min_train_nodes=%d",
@@ -101,7 +102,7 @@ class KeyedFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self._current = arrays
         self.report = RoundReport()
-        self._sent = {}
+        self._sent, self._messages = {}, {}
         messages = []
         for node_id in self.sample(server_round, grid.get_node_ids()):
             site = self.sites[node_id]
@@ -112,9 +113,24 @@ class KeyedFedAvg(FedAvg):
             self._sent[node_id] = sent
             self.report.sampled.append(site.name)
             self.report.bytes_sent[site.name] = _nbytes(sent)
-            messages.append(Message(content=RecordDict({ARRAYS: sent, CONFIG: cfg}),
-                                    message_type=MessageType.TRAIN, dst_node_id=node_id))
+            self._messages[node_id] = Message(content=RecordDict({ARRAYS: sent, CONFIG: cfg}),
+                                              message_type=MessageType.TRAIN, dst_node_id=node_id)
+            messages.append(self._messages[node_id])
         return messages
+
+    def _match_replies(self, replies: Iterable[Message]) -> dict[int, Message]:
+        """node id -> its reply. Matched by the message replied to: a SuperLink's own error reply
+        for a node that died carries no source node id, but still names the message."""
+        replies = list(replies)
+        by_message = {m.metadata.reply_to_message_id: m for m in replies if m.metadata.reply_to_message_id}
+        out = {}
+        for node_id, sent in self._messages.items():
+            reply = by_message.get(sent.metadata.message_id) if sent.metadata.message_id else None
+            if reply is None:
+                reply = next((m for m in replies if m.metadata.src_node_id == node_id), None)
+            if reply is not None:
+                out[node_id] = reply
+        return out
 
     # ---- validation and aggregation -------------------------------------------------------------
     def _check_reply(self, site: Site, msg: Message) -> tuple[Update | None, str | None]:
@@ -149,7 +165,7 @@ class KeyedFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates: list[Update] = []
-        by_node = {m.metadata.src_node_id: m for m in replies}
+        by_node = self._match_replies(replies)
         for node_id in self._sent:
             site = self.sites[node_id]
             msg = by_node.get(node_id)
