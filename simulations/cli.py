@@ -2,6 +2,8 @@
 
     medfl run CONFIG.yaml [--data-dir DIR] [--out DIR] [--set key=value]... [--resume]
     medfl data [--data-dir DIR] [--download FLAG[@SIZE]]
+    medfl sweep-privacy CONFIG.yaml [--epsilons inf,16,8,4,2,1] [--repeats N] [--data-dir DIR] [--out DIR]
+                        [--set key=value]... [--no-audit]
 
 Exit codes: 0 done; 2 bad input (config, data, arguments: one line on stderr naming the field or
 file, nothing written); 1 anything else.
@@ -126,6 +128,21 @@ def cmd_data(args: argparse.Namespace) -> int:
     return run_data_command(args.data_dir, args.download)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from simulations.sweep import SweepError, parse_epsilons, plan_runs, run_sweep
+
+    try:
+        epsilons = parse_epsilons(args.epsilons)
+        data_dir = str(resolve_data_dir(args.data_dir))
+        base, _ = plan_runs(args.config, epsilons, args.repeats, args.set, audit=not args.no_audit)
+        check_data_files(base, data_dir)
+        _quiet_flower(args.verbose)
+        return run_sweep(args.config, epsilons=epsilons, repeats=args.repeats, data_dir=data_dir, out=args.out,
+                         sets=args.set, audit=not args.no_audit, progress=not args.no_progress, verbose=args.verbose)
+    except SweepError as e:
+        raise UsageError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="medfl", description="Federated self-supervised pretraining of the Medformer on MedMNIST.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -145,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", help="MedMNIST folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
     d.add_argument("--download", action="append", metavar="FLAG[@SIZE]", help="download a file (needs internet)")
     d.set_defaults(func=cmd_data)
+    s = sub.add_parser("sweep-privacy", help="run a scenario at several privacy budgets; tabulate accuracy and leakage")
+    s.add_argument("config", help="scenario YAML, e.g. simulations/configs/quickstart.yaml")
+    s.add_argument("--epsilons", default="inf,16,8,4,2,1",
+                   help="comma-separated target epsilons; inf = no DP (default: %(default)s)")
+    s.add_argument("--repeats", type=int, default=1, help="runs per budget, seeds seed..seed+N-1 (default: 1)")
+    s.add_argument("--data-dir", help="MedMNIST folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
+    s.add_argument("--out", help="output folder (default: runs/<scenario>-sweep-<time>); rerun with the same "
+                                 "folder to continue an interrupted sweep")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario field in every run (repeatable)")
+    s.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs in the run logs")
+    s.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -238,6 +238,10 @@ class EvaluationSpec:
         fine_tune_epochs: epochs of fine-tuning.
         label_fraction: fraction of labelled train examples the probe / fine-tune may use.
         max_train_examples: cap on probe training examples (speed); null = no cap.
+        audit: after the last round, run a membership-inference attack on the global model for each
+            hospital (its training images against held-out validation images) and report the attack's
+            AUC and TPR at 1% FPR (``medformer.audit``).
+        audit_examples: members (and as many non-members) per hospital the audit scores, at most.
     """
 
     eval_every: int = _f(0, ge=0, le=10_000)
@@ -246,6 +250,8 @@ class EvaluationSpec:
     fine_tune_epochs: int = _f(5, ge=1, le=1_000)
     label_fraction: float = _f(1.0, gt=0, le=1)
     max_train_examples: int | None = _f(None, ge=1)
+    audit: bool = False
+    audit_examples: int = _f(500, ge=10, le=100_000)
 
 
 @dataclass(kw_only=True)
@@ -277,17 +283,29 @@ class PrivacySpec:
 
 @dataclass(kw_only=True)
 class ClientDPSpec:
-    """Client-level DP on the model updates (Flower's DP wrappers).
+    """Client-level DP on the model updates (DP-FedAvg; ``server.client_dp``).
+
+    Each hospital's update is clipped to ``clipping_norm`` and the average is noised; the
+    client-level epsilon (at ``target_delta``) is reported in ``summary.json["client_dp"]``.
 
     Attributes:
         noise_multiplier: noise std as a multiple of ``clipping_norm``.
         clipping_norm: L2 clipping norm of each client's update.
-        mode: clip on the ``server`` or on each ``client``.
+        mode: clip on the ``server`` (supported) or on each ``client`` (not yet: needs a ClientApp mod).
+        target_delta: delta the client-level epsilon is reported at; null = 1 / (10 x clients).
     """
 
     noise_multiplier: float = _f(ge=0, le=1e4)
     clipping_norm: float = _f(gt=0, le=1e6)
     mode: ClientDPMode = "server"
+    target_delta: float | None = _f(None, gt=0, lt=1)
+
+    def _check(self) -> list[tuple[tuple, str]]:
+        if self.mode == "client":
+            return [(("mode",), "'client' is not supported yet: hospitals do not clip their own updates "
+                     "(that needs a clipping mod in the ClientApp); use mode: server, where the server "
+                     "clips each update before averaging")]
+        return []
 
 
 @dataclass(kw_only=True)
@@ -494,6 +512,11 @@ class Scenario:
                              f"so DP-SGD cannot bound per-example privacy (hospital "
                              f"'{private[0]}' uses privacy); drop it or use simsiam"))
 
+        if self.client_dp is not None and self.strategy.name in ("median", "trimmed-mean"):
+            problems.append((("client_dp",), f"client-level DP needs a mean-based strategy, not "
+                             f"'{self.strategy.name}': its noise is calibrated to an average of clipped "
+                             "updates; use fedavg, fedprox, fedavgm or fedadam"))
+
         whole = {}
         for h in self.hospitals:
             if h.partition is None and h.dataset in whole:
@@ -686,6 +709,9 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str]) -> dict[str,
     for item in overrides:
         key, sep, text = str(item).partition("=")
         key = key.strip()
+        if not key.isprintable():  # keep the error one line: show control characters escaped
+            problems.append(f"--set {_show(key)}: key has control characters")
+            continue
         if not sep or not key:
             problems.append(f"--set {_show(item)}: expected dotted.key=value")
             continue
