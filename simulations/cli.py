@@ -74,9 +74,9 @@ def prepare_out_dir(scenario: Scenario, config_path: Path, out: str | None, resu
 
 def cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.config, args.set)
+    out_dir = prepare_out_dir(scenario, Path(args.config), args.out, args.resume)
     data_dir = str(resolve_data_dir(args.data_dir))
     check_data_files(scenario, data_dir)
-    out_dir = prepare_out_dir(scenario, Path(args.config), args.out, args.resume)
     # --- inputs are valid: from here on we write ---
     out_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
