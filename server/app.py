@@ -24,7 +24,6 @@ replaced by them (the scenario still supplies model, pretext, training, strategy
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import Federation, RunSettings
-from simulations.scenario import HospitalSpec, load_scenario
+from simulations.scenario import load_scenario
 
 log = logging.getLogger("medfl.server")
 
@@ -91,27 +90,6 @@ def is_simulation(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
-class DiscoveredFederation(Federation):
-    """A deployment's federation: the sites that answer discovery define the model and evaluation.
-
-    Discovery runs first; the scenario's hospital list is replaced by the discovered sites (name,
-    dataset, size), so the initial global model holds exactly their input kinds and latents (a 3D
-    site gets ``inputs.3d-1ch.*``), and central evaluation covers exactly their datasets.
-    """
-
-    def run(self, grid: Grid) -> dict:
-        self._sites = Federation.discover(self, grid)
-        found = sorted(self._sites.values(), key=lambda s: s.name)
-        self.scenario = dataclasses.replace(
-            self.scenario, hospitals=[HospitalSpec(name=s.name, dataset=s.dataset, size=s.size) for s in found])
-        log.info("discovered %d sites: %s", len(found),
-                 ", ".join(f"{s.name} ({s.dataset}@{s.size}, {s.num_examples} examples)" for s in found))
-        return super().run(grid)
-
-    def discover(self, grid: Grid) -> dict:
-        return self._sites
-
-
 def settings_from_spec(path: str) -> RunSettings:
     """RunSettings written by ``medfl run`` (scenario already validated and saved as config.yaml)."""
     spec = json.loads(Path(path).read_text())
@@ -128,6 +106,6 @@ def main(grid: Grid, context: Context) -> None:
     deployment = not is_simulation(grid)
     settings = (settings_from_spec(spec) if spec
                 else settings_from_run_config(dict(context.run_config), deployment=deployment))
-    summary = (DiscoveredFederation if deployment and not spec else Federation)(settings).run(grid)
+    summary = Federation(settings).run(grid)
     log.info("finished %s: %d rounds, summary in %s", summary["scenario"], summary["rounds_completed"],
              settings.out_dir / "summary.json")

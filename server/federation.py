@@ -239,26 +239,39 @@ class Federation:
                      result.non_members, time.monotonic() - t0)
 
     # ---- the run ----------------------------------------------------------------------------------
-    def initial_arrays(self) -> dict[str, np.ndarray]:
+    def site_datasets(self, sites: dict[int, Site]) -> list[tuple[str, int]]:
+        """The (flag, size) pairs the connected sites hold: the scenario's order first (so a
+        simulation's model is the same whoever connects first), then any a deployment adds."""
+        found = {(s.dataset, s.size) for s in sites.values()}
+        ordered = [d for d in self.scenario.datasets() if d in found]
+        return ordered + sorted(found - set(ordered))
+
+    def initial_arrays(self, datasets: list[tuple[str, int]]) -> dict[str, np.ndarray]:
         torch.manual_seed(self.scenario.seed)
-        model = build_pretext_model(self.cfg, self.scenario.datasets(), self.objective)
+        model = build_pretext_model(self.cfg, datasets, self.objective)
         return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
     def run(self, grid: Grid) -> dict:
         sc = self.scenario
         self.out.mkdir(parents=True, exist_ok=True)
-        arrays = self.initial_arrays()
+        # The sites that answer define the model and the evaluation: in a deployment nobody lists them.
+        sites = self.discover(grid)
+        datasets = self.site_datasets(sites)
+        log.info("sites: %s", ", ".join(f"{s.name} ({s.dataset}@{s.size}, {s.num_examples} examples)"
+                                        for s in sorted(sites.values(), key=lambda s: s.name)))
+        arrays = self.initial_arrays(datasets)
         server_opt_state = None
         if self.s.resume:
             ckpt = load_latest(self.out / "checkpoints", fallback=self.s.fallback_checkpoint)
             if ckpt is not None:
                 arrays = ckpt["arrays"]
                 server_opt_state = ckpt["server_optimizer"]
+                refused_now = self.state.dropouts  # sites that failed this session's discovery
                 self.state = RunState(**ckpt["state"])
+                self.state.dropouts += refused_now
                 log.info("resuming %s after round %d", sc.name, self.state.round)
         _truncate_metrics(self.out / "metrics.jsonl", self.state.round)
 
-        sites = self.discover(grid)
         for site in sites.values():
             self.state.clients.setdefault(site.name, {"dataset": site.dataset, "size": site.size,
                                                       "num_examples": site.num_examples,
@@ -269,7 +282,7 @@ class Federation:
         strategy.summary()
         ev = sc.evaluation
         evaluator = DownstreamEvaluator(
-            self.cfg, sc.datasets(), data_dir=self.s.data_dir, linear_probe=ev.linear_probe, fine_tune=ev.fine_tune,
+            self.cfg, datasets, data_dir=self.s.data_dir, linear_probe=ev.linear_probe, fine_tune=ev.fine_tune,
             fine_tune_epochs=ev.fine_tune_epochs, label_fraction=ev.label_fraction,
             max_train_examples=ev.max_train_examples, seed=sc.seed)
 

@@ -308,7 +308,8 @@ def test_deployment_builds_the_model_for_the_discovered_sites(real_data_dir, tmp
     the messages and the evaluation follow the connected sites."""
     from medformer.model import make_config
     from medformer.pretext import PretextObjective, build_pretext_model
-    from server.app import DiscoveredFederation, is_simulation
+    from server.app import is_simulation
+    from server.federation import Federation
     from server.checkpoint import load_latest
     from server.federation import RunSettings
     from simulations.scenario import load_scenario
@@ -322,7 +323,7 @@ def test_deployment_builds_the_model_for_the_discovered_sites(real_data_dir, tmp
     assert not is_simulation(grid)
     settings = RunSettings(scenario=scenario, out_dir=tmp_path / "out", data_dir=str(real_data_dir),
                            expected_nodes=3, progress=False)
-    summary = DiscoveredFederation(settings).run(grid)
+    summary = Federation(settings).run(grid)
 
     # the misconfigured node answers discovery with an error naming the key; the others go on
     assert set(summary["clients"]) == {"breastmnist", "ct"}
