@@ -13,10 +13,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import fault_injection_mod
 from client.hospital import identity_from_instructions, identity_from_node_config, local_data, longer_history, train_round
 from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, RoundInstructions
 
-app = ClientApp()
+# The fault-injection mod does nothing unless a (test) scenario declares faults.
+app = ClientApp(mods=[fault_injection_mod])
 
 _LEDGER = "privacy-ledger"        # context.state ConfigRecord: the accountant history (JSON)
 _OPTIMIZER = "optimizer-state"    # context.state ConfigRecord: torch-serialised optimizer state

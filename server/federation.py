@@ -151,8 +151,15 @@ class Federation:
             model={"preset": sc.model.preset, "overrides": dict(sc.model.overrides)},
             pretext=dict(sc.pretext), mask_ratio=sc.mask_ratio, training=training,
             privacy=self.privacy_of(site), privacy_state=self.state.privacy_states.get(site.name),
-            data_dir=self.s.data_dir,
+            data_dir=self.s.data_dir, extra=self.fault_for(site.name, rnd),
         )
+
+    def fault_for(self, name: str, rnd: int) -> dict:
+        """The injected fault (chaos tests) this client suffers in this round, as instructions extra."""
+        for f in self.scenario.faults:
+            if f.hospital == name and (not f.rounds or rnd in f.rounds):
+                return {"fault": asdict(f)}
+        return {}
 
     def privacy_of(self, site: Site) -> dict | None:
         """DP-SGD settings for a site: its scenario client's own, else the scenario's (deployment sites
@@ -170,7 +177,7 @@ class Federation:
         strategy = KeyedFedAvg(sites=sites, instructions=self.instructions, rule=rule, trim_fraction=st.trim_fraction,
                                server_optimizer=ServerOptimizer(opt, lr=lr, momentum=st.server_momentum),
                                fraction_train=st.fraction_train, min_train_nodes=st.min_train_nodes,
-                               seed=self.scenario.seed)
+                               seed=self.scenario.seed, update_clip_norm=st.update_clip_norm)
         cdp = self.scenario.client_dp
         if cdp is None:
             return strategy

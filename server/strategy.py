@@ -67,11 +67,14 @@ class KeyedFedAvg(FedAvg):
         server_optimizer: applied to the aggregate (FedAvg, FedAvgM, FedAdam).
         fraction_train, min_train_nodes: sampling, as in FedAvg.
         seed: sampling seed (round r samples with seed (seed, r): reproducible and resumable).
+        update_clip_norm: clip each hospital's update (reply - sent, over its keys) to this L2
+            norm before aggregation; None = no clipping.
     """
 
     def __init__(self, *, sites: dict[int, Site], instructions: Callable[[Site, int], RoundInstructions],
                  rule: str = "mean", trim_fraction: float = 0.2, server_optimizer: ServerOptimizer | None = None,
-                 fraction_train: float = 1.0, min_train_nodes: int = 1, seed: int = 0):
+                 fraction_train: float = 1.0, min_train_nodes: int = 1, seed: int = 0,
+                 update_clip_norm: float | None = None):
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_train_nodes)  # evaluation is central: configure_evaluate is never called
         if rule not in ("mean", "median", "trimmed-mean"):
@@ -81,6 +84,7 @@ class KeyedFedAvg(FedAvg):
         self.rule, self.trim_fraction = rule, trim_fraction
         self.server_optimizer = server_optimizer or ServerOptimizer("fedavg")
         self.seed = seed
+        self.update_clip_norm = update_clip_norm
         self.report = RoundReport()
         self._current: ArrayRecord | None = None
         self._sent: dict[int, ArrayRecord] = {}
@@ -160,6 +164,8 @@ class KeyedFedAvg(FedAvg):
             if not np.all(np.isfinite(a)):
                 return None, f"key {k}: non-finite values"
             arrays[k] = a
+        if self.update_clip_norm is not None:
+            arrays = clip_update(arrays, {k: sent[k].numpy() for k in arrays}, self.update_clip_norm)
         return Update(site.name, arrays, int(n)), None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -198,6 +204,16 @@ class KeyedFedAvg(FedAvg):
         new = self.server_optimizer.apply(current, agg)
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(new[k])) for k in current})
         return arrays, MetricRecord(_weighted_metrics(self.report.trained))
+
+
+def clip_update(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], max_norm: float) -> dict[str, np.ndarray]:
+    """Scale the update (arrays - sent) so that its L2 norm over all keys is at most ``max_norm``."""
+    deltas = {k: arrays[k].astype(np.float64) - sent[k] for k in arrays}
+    norm = float(np.sqrt(sum(float((d * d).sum()) for d in deltas.values())))
+    if norm <= max_norm:
+        return arrays
+    scale = max_norm / norm
+    return {k: (sent[k] + scale * deltas[k]).astype(arrays[k].dtype) for k in arrays}
 
 
 def _weighted_metrics(trained: dict[str, dict]) -> dict[str, float]:

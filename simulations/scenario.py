@@ -63,6 +63,7 @@ Accountant = Literal["rdp", "prv"]
 ClientDPMode = Literal["server", "client"]
 PartitionMethod = Literal["iid", "dirichlet"]
 PretextTask = Literal["mae", "rotation", "simsiam", "contrastive"]
+FaultKind = Literal["raise", "hang", "scale", "sign-flip", "nan", "extra-key"]
 
 #: Pretext task names a scenario may weight (keep in step with ``medformer.pretext``).
 PRETEXT_TASKS: tuple[str, ...] = get_args(PretextTask)
@@ -204,6 +205,8 @@ class StrategySpec:
         fraction_train: fraction of clients sampled each round.
         min_train_nodes: fewest clients a round trains on.
         round_timeout: seconds the server waits for replies in one round.
+        update_clip_norm: clip each hospital's update (reply - what it was sent) to this L2 norm
+            before aggregation, a cheap defence against a scaled (poisoned) update; null = off.
     """
 
     name: StrategyName = "fedavg"
@@ -214,6 +217,7 @@ class StrategySpec:
     fraction_train: float = _f(1.0, gt=0, le=1)
     min_train_nodes: int = _f(1, ge=1)
     round_timeout: float = _f(3600.0, gt=0)
+    update_clip_norm: float | None = _f(None, gt=0, le=1e6)
 
     def _check(self) -> list[tuple[tuple, str]]:
         if self.name == "fedprox" and self.proximal_mu <= 0:
@@ -397,6 +401,27 @@ class ClientSpec:
     privacy: PrivacySpec | None = None
 
 
+@dataclass(kw_only=True)
+class FaultSpec:
+    """A fault injected into one client (chaos testing; production scenarios declare none).
+
+    Attributes:
+        hospital: the client's name (a hospital, or ``<name>-<i>`` for a partition).
+        kind: ``raise`` (the ClientApp fails), ``hang`` (answers after ``seconds``), ``scale`` /
+            ``sign-flip`` (its update times ``factor`` / ``-factor``: a poisoned hospital), ``nan``
+            (a tensor of NaN), ``extra-key`` (a key outside its scope).
+        rounds: rounds the fault strikes; empty = every round.
+        factor: update multiplier for ``scale`` and ``sign-flip``.
+        seconds: delay for ``hang``.
+    """
+
+    hospital: str
+    kind: FaultKind
+    rounds: list[int] = field(default_factory=list)
+    factor: float = _f(10.0, gt=0, le=1e6)
+    seconds: float = _f(60.0, ge=0, le=86_400)
+
+
 def _default_pretext() -> dict[str, float]:
     return {"mae": 1.0, "rotation": 0.5}
 
@@ -417,6 +442,7 @@ class Scenario:
         privacy: DP-SGD for every hospital that does not set its own; null = none.
         client_dp: client-level DP on updates; null = none.
         simulation: simulation engine resources.
+        faults: injected client faults for chaos tests (none in production).
         hospitals: the hospitals, in order.
     """
 
@@ -431,6 +457,7 @@ class Scenario:
     privacy: PrivacySpec | None = None
     client_dp: ClientDPSpec | None = None
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
+    faults: list[FaultSpec] = field(default_factory=list)
     hospitals: list[HospitalSpec]
 
     # -- derived views ------------------------------------------------------------------------
@@ -499,6 +526,15 @@ class Scenario:
                         problems.append((("hospitals", i, "name"), f"client name {_show(c)} "
                                          f"collides with hospitals[{owner[c]}]; rename one"))
                     owner.setdefault(c, i)
+
+        names = [c for h in self.hospitals for c in h.client_names()]
+        for i, fault in enumerate(self.faults):
+            if fault.hospital not in names:
+                problems.append((("faults", i, "hospital"), f"no client named {_show(fault.hospital)}"
+                                 f"{_did_you_mean(fault.hospital, names)}"))
+            bad = [r for r in fault.rounds if not 1 <= r <= self.training.rounds]
+            if bad:
+                problems.append((("faults", i, "rounds"), f"rounds {bad} are outside 1..{self.training.rounds}"))
 
         n_clients = sum(len(h.client_names()) for h in self.hospitals)
         if self.strategy.min_train_nodes > n_clients:
