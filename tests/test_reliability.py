@@ -115,3 +115,21 @@ def test_failing_hanging_and_broken_hospitals_are_skipped_recorded_and_rejoin(tm
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["dropped"] == {"breast": drops[(1, "breast")]}
     assert set(lines[3]["trained"]) == {"breast", "retina", "pneumonia"}  # everyone is back in round 4
+
+
+@pytest.mark.slow
+def test_one_poisoned_hospital_breaks_fedavg_but_not_the_median(tmp_path, real_data_dir):
+    config = REPO / "simulations" / "configs" / "poisoned.yaml"
+    auc = {}
+    for rule in ("fedavg", "median"):
+        out = tmp_path / rule
+        proc = _medfl("run", str(config), "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress",
+                      "--set", f"strategy.name={rule}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        auc[rule] = summary["downstream"]["pneumoniamnist"]["linear_probe"]["auc"]
+        auc["random_init"] = summary["downstream"]["pneumoniamnist"]["random_init"]["auc"]
+    print(f"poisoned hospital (sign-flip x20), linear-probe AUC: {auc}")
+    assert auc["fedavg"] < auc["random_init"] - 0.02, auc   # the poisoned average is worse than no training
+    assert auc["median"] > auc["fedavg"] + 0.03, auc        # the robust rule holds
+    assert auc["median"] > auc["random_init"], auc
