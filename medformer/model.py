@@ -160,7 +160,10 @@ class TaskHead(nn.Module):
         self.fc = nn.Linear(cfg.dim, num_outputs)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        q = self.cross(self.queries(tokens), tokens)
+        # Detached on purpose: QueryTokens reads only the batch size, so its output is not connected
+        # to a grad-requiring input, and Opacus's backward hook would never fire (no per-sample
+        # gradients for the queries under DP-SGD). With a plain input the hook fires on the output.
+        q = self.cross(self.queries(tokens.detach()), tokens)
         return self.fc(self.norm(q).mean(dim=1))
 
 

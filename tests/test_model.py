@@ -1,0 +1,288 @@
+"""Tests for medformer.model: shapes over every input kind, sharing scopes, Opacus compatibility.
+
+The per-sample gradient tests check what DP-SGD rests on: Opacus's hooks give, for every sample,
+the gradient of that sample's own loss, equal to a ``torch.func`` reference (``functional_call`` +
+``vmap(grad(...))``), for the downstream head and for the pretext losses with fixed randomness.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from medformer import data as D
+from medformer.data import get_info
+from medformer.model import Medformer, MedformerConfig, keys_for_dataset, make_config, scope_of
+from medformer.pretext import TASKS, PretextObjective, build_pretext_model, num_rotations
+
+# (flag, size): 2D gray at both sizes, 2D RGB, 3D at both sizes.
+CASES = [("breastmnist", 28), ("breastmnist", 64), ("retinamnist", 28), ("adrenalmnist3d", 28),
+         ("adrenalmnist3d", 64)]
+REAL = [("breastmnist", 28), ("pneumoniamnist", 28), ("retinamnist", 28), ("adrenalmnist3d", 28),
+        ("adrenalmnist3d", 64), ("vesselmnist3d", 28)]
+ALL_TASKS = {name: 1.0 for name in TASKS}
+
+
+def _batch(flag: str, size: int, b: int = 3, seed: int = 0) -> torch.Tensor:
+    """Random images in [-1, 1]: [B, C, size, size] (2D) or [B, 1, size, size, size] (3D)."""
+    info = get_info(flag)
+    spatial = (size,) * (3 if info.is_3d else 2)
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, info.n_channels, *spatial, generator=g) * 2 - 1
+
+
+# Opacus's hooks on modules whose inputs need no grad, and vmap over CPU attention: both harmless.
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+              pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a busy 2-core machine two threads wait on each other at every op
+    (seen here: tiny-model steps up to 100x slower); these models and batches are too small to gain."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _real_batch(folder, flag: str, size: int, n: int = 4) -> torch.Tensor:
+    """First n validation images of a real (MD5-checked) file, reading only that array."""
+    path = D.dataset_path(flag, size, folder)
+    with np.load(path, allow_pickle=False) as npz:
+        images, labels = npz["val_images"][:n], npz["val_labels"][:n]
+    return D._to_split(flag, "val", size, get_info(flag), images, labels).batch(slice(None))[0]
+
+
+def _ids(cases):
+    return [f"{f}-{s}" for f, s in cases]
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward / backward over every input kind and size
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("flag", "size"), CASES, ids=_ids(CASES))
+def test_forward_backward_every_kind_and_size(flag: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = Medformer(make_config("tiny"), [(flag, size)])
+    x = _batch(flag, size)
+    out = model(x, flag)
+    assert out.shape == (3, get_info(flag).num_outputs)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("body.", f"inputs.{get_info(flag).input_kind}.tokenizers.{size}.")):
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_model_rejects_unknown_size_and_dataset() -> None:
+    model = Medformer(make_config("tiny"), ["breastmnist"])
+    with pytest.raises(ValueError, match="no tokenizer for size 64"):
+        model(_batch("breastmnist", 64), "breastmnist")
+    with pytest.raises(KeyError, match="not in this model"):
+        model(_batch("breastmnist", 28), "pneumoniamnist")
+
+
+@pytest.mark.real_data
+def test_one_model_for_all_real_files(real_data_dir) -> None:
+    """One Medformer handles a batch of each real file: every pretext loss and every head."""
+    torch.manual_seed(0)
+    objective = PretextObjective(ALL_TASKS)
+    model = build_pretext_model(make_config("tiny"), REAL, objective, downstream_heads=True)
+    gen = torch.Generator().manual_seed(0)
+    for flag, size in REAL:
+        x = _real_batch(real_data_dir, flag, size)
+        logits = model(x, flag)
+        assert logits.shape == (4, get_info(flag).num_outputs), (flag, size)
+        assert torch.isfinite(logits).all(), (flag, size)
+        for name, task in objective.tasks.items():
+            terms = task.losses(model, x, flag, gen)
+            assert terms.shape == (4,), (flag, size, name)
+            assert torch.isfinite(terms).all(), (flag, size, name)
+        total, parts = objective(model, x, flag, gen)
+        assert set(parts) == set(TASKS) and torch.isfinite(total)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharing scopes
+# --------------------------------------------------------------------------------------------------
+def test_every_key_carries_its_scope() -> None:
+    objective = PretextObjective(ALL_TASKS)
+    model = build_pretext_model(make_config("tiny"), CASES, objective, downstream_heads=True)
+    kinds = {get_info(f).input_kind for f, _ in CASES}
+    allowed = {"body"} | {f"inputs.{k}" for k in kinds} | {f"latents.{f}" for f, _ in CASES} \
+        | {f"outputs.{f}" for f, _ in CASES} | {f"outputs.{t}" for t in TASKS}
+    keys = list(model.state_dict())
+    assert {scope_of(k) for k in keys} == allowed
+    for k in keys:
+        assert k.startswith(tuple(s + "." for s in allowed)), k
+
+
+def test_keys_for_dataset_hold_only_the_hospitals_scopes() -> None:
+    cfg = make_config("tiny")
+    objective = PretextObjective({"mae": 1.0, "rotation": 1.0})
+    k2d = keys_for_dataset(cfg, "breastmnist", pretext_outputs=objective.build_heads(cfg, ["breastmnist"]))
+    k3d = keys_for_dataset(cfg, ("adrenalmnist3d", 64),
+                           pretext_outputs=objective.build_heads(cfg, [("adrenalmnist3d", 64)]))
+    krgb = keys_for_dataset(cfg, "retinamnist", pretext_outputs=objective.build_heads(cfg, ["retinamnist"]))
+    assert not [k for k in k2d if k.startswith("inputs.3d-1ch")]
+    assert not [k for k in k2d if k.startswith(("inputs.2d-3ch", "latents.retinamnist"))]
+    assert not [k for k in k3d if k.startswith("inputs.2d")]
+    assert any(k.startswith("inputs.3d-1ch.tokenizers.64.") for k in k3d)
+    assert any(k.startswith("outputs.mae.") for k in k2d) and any(k.startswith("outputs.rotation.") for k in k3d)
+    assert not [k for k in k2d + k3d if k.startswith("outputs.breastmnist")]  # no downstream heads
+    body = [sorted(k for k in ks if k.startswith("body.")) for ks in (k2d, k3d, krgb)]
+    assert body[0] and body[0] == body[1] == body[2]
+    # The keys a hospital uses are exactly a subset of the global model's keys.
+    everyone = ["breastmnist", ("adrenalmnist3d", 64), "retinamnist"]
+    full = Medformer(cfg, everyone, downstream_heads=False, extra_outputs=objective.build_heads(cfg, everyone))
+    assert set(k2d) | set(k3d) | set(krgb) == set(full.state_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# Opacus compatibility
+# --------------------------------------------------------------------------------------------------
+def test_opacus_validator_finds_no_errors() -> None:
+    model = build_pretext_model(make_config("tiny"), CASES, PretextObjective(ALL_TASKS), downstream_heads=True)
+    assert ModuleValidator.validate(model, strict=False) == []
+
+
+class _LossOf(nn.Module):
+    """Wraps ``fn(model, *args) -> per-sample losses [B]`` so functional_call can swap params."""
+
+    def __init__(self, model: nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args):
+        return self.fn(self.model, *args)
+
+
+def _reference(model: nn.Module, fn, args: tuple[torch.Tensor, ...], use_vmap: bool = True) -> dict:
+    """Per-sample gradients of fn's per-sample loss by torch.func: {param name: [B, *shape]}."""
+    wrapper = _LossOf(model, fn)
+    params = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, *one):
+        return functional_call(wrapper, p, tuple(a[None] for a in one))[0]
+
+    if use_vmap:
+        out = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(args))(params, *args)
+    else:  # per-sample loop of grad(): for losses with data-dependent Python control flow
+        rows = [grad(loss_one)(params, *(a[i] for a in args)) for i in range(args[0].shape[0])]
+        out = {k: torch.stack([r[k] for r in rows]) for k in params}
+    return {k.removeprefix("model."): v for k, v in out.items()}
+
+
+def _opacus(model: nn.Module, fn, args: tuple[torch.Tensor, ...]) -> dict:
+    """Per-sample gradients from Opacus's GradSampleModule (hooks) on the batch-mean loss."""
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    try:
+        model.zero_grad(set_to_none=True)
+        fn(model, *args).mean().backward()
+        out = {k: (p.grad_sample.detach().clone() if p.grad_sample is not None else None, p.grad)
+               for k, p in model.named_parameters()}
+    finally:
+        gsm._close()
+        for p in model.parameters():
+            for attr in ("grad_sample", "_forward_counter", "_current_grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+    return out
+
+
+def _assert_same_per_sample(model, fn, args, use_vmap=True) -> None:
+    ref = _reference(model, fn, args, use_vmap)
+    got = _opacus(model, fn, args)
+    checked = 0
+    for name, (gs, g) in got.items():
+        r = ref[name]
+        if gs is None:  # a parameter the loss does not use (another task's head)
+            assert r.abs().max() == 0, f"{name}: Opacus has no grad_sample but the reference is non-zero"
+            continue
+        scale = r.abs().max().item() + 1e-12
+        assert gs.shape == r.shape, name
+        err = (gs - r).abs().max().item()
+        assert err <= 1e-5 * scale + 1e-8, f"{name}: per-sample gradients differ by {err:.2e} (scale {scale:.2e})"
+        assert torch.allclose(gs.mean(0), g, rtol=1e-4, atol=1e-7 + 1e-5 * scale), name
+        checked += 1
+    assert checked >= 10
+
+
+PS_CASES = [("breastmnist", 28), ("retinamnist", 28), ("adrenalmnist3d", 28)]
+
+
+@pytest.fixture(scope="module")
+def ps_model() -> Medformer:
+    torch.manual_seed(0)
+    objective = PretextObjective({"mae": 1.0, "rotation": 1.0})
+    return build_pretext_model(make_config("tiny"), PS_CASES, objective, downstream_heads=True)
+
+
+@pytest.mark.parametrize(("flag", "size"), PS_CASES, ids=_ids(PS_CASES))
+def test_per_sample_gradients_downstream_head(ps_model, flag: str, size: int) -> None:
+    b = 4
+    x = _batch(flag, size, b, seed=1)
+    y = torch.arange(b) % get_info(flag).num_outputs
+
+    def fn(m, x, y):
+        return F.cross_entropy(m(x, flag), y, reduction="none")
+
+    _assert_same_per_sample(ps_model, fn, (x, y))
+
+
+@pytest.mark.parametrize(("flag", "size"), PS_CASES, ids=_ids(PS_CASES))
+def test_per_sample_gradients_masked_reconstruction(ps_model, flag: str, size: int) -> None:
+    b = 4
+    x = _batch(flag, size, b, seed=2)
+    n = ps_model.tokenizer(flag, size).num_tokens
+    noise = torch.rand(b, n, generator=torch.Generator().manual_seed(3))  # fixes each sample's mask
+    mae = PretextObjective({"mae": 1.0}).tasks["mae"]
+
+    def fn(m, x, noise):
+        return mae.losses(m, x, flag, noise=noise)
+
+    _assert_same_per_sample(ps_model, fn, (x, noise))
+
+
+@pytest.mark.parametrize(("flag", "size"), PS_CASES, ids=_ids(PS_CASES))
+def test_per_sample_gradients_rotation(ps_model, flag: str, size: int) -> None:
+    b = 4
+    x = _batch(flag, size, b, seed=4)
+    labels = torch.tensor([0, 1, 2, num_rotations(x.dim() - 2) - 1])
+    rot = PretextObjective({"rotation": 1.0}).tasks["rotation"]
+
+    def fn(m, x, labels):
+        return rot.losses(m, x, flag, labels=labels)
+
+    # rotate() groups samples by label (data-dependent control flow): reference loops over grad().
+    _assert_same_per_sample(ps_model, fn, (x, labels), use_vmap=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+def test_make_config_presets_and_overrides() -> None:
+    assert make_config() == MedformerConfig()
+    assert make_config("tiny", depth=2).depth == 2
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose from tiny, default, base"):
+        make_config("huge")
+    with pytest.raises(ValueError, match=r"unknown model field\(s\) wdth, width; valid: dim, depth"):
+        make_config("tiny", wdth=3, width=4)
+
+
+def test_config_rejects_heads_not_dividing_dim_and_non_positive_values() -> None:
+    with pytest.raises(ValueError, match="heads=3 must divide dim=32"):
+        make_config("tiny", heads=3)
+    with pytest.raises(ValueError, match="decoder_heads=3 must divide decoder_dim=16"):
+        make_config("tiny", decoder_heads=3)
+    with pytest.raises(ValueError, match=r"depth=0 must be a positive number.*adapter_dim=-1"):
+        make_config("tiny", depth=0, adapter_dim=-1)
+    with pytest.raises(ValueError, match="token grid 5 does not divide image size 28"):
+        Medformer(make_config("tiny", grid_2d=5), ["breastmnist"])
