@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"),
                         help="JSON output; the Markdown report goes next to it (.md)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the machines' cores)")
-    parser.add_argument("--max-physical-batch", type=int, default=0,
-                        help="DP-SGD: process each batch in chunks of this size (default 0: whole batch)")
+    parser.add_argument("--max-physical-batch", type=int, default=LocalTrainSpec.dp_physical_batch,
+                        help="DP-SGD: process each batch in chunks of this size, 0 = whole batch "
+                             "(default: train_local's dp_physical_batch, 64)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
