@@ -417,6 +417,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         ) from e
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         raise FormatError(f"{path} is not a valid npz archive (truncated or corrupt?): {e}") from e
+    except Exception as e:  # a hostile file can trip any part of numpy's parser
+        raise FormatError(f"{path} cannot be parsed as npz ({type(e).__name__})") from e
     if not isinstance(obj, np.lib.npyio.NpzFile):
         raise FormatError(f"{path} holds a single .npy array, not an npz archive")
     with obj as npz:
@@ -438,6 +440,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 raise FormatError(
                     f"{path}: key {k} cannot be read (truncated or corrupt?): {e}"
                 ) from e
+            except Exception as e:  # e.g. a corrupt .npy header makes numpy's literal_eval raise SyntaxError
+                raise FormatError(f"{path}: key {k} has a corrupt .npy header ({type(e).__name__})") from e
         return out
 
 
