@@ -64,7 +64,7 @@ def _instructions(site, *, preset: str, local_steps: int, batch_size: int):
 
 
 @contextlib.contextmanager
-def _task_identity(run_id: int = 1):
+def task_identity(run_id: int = 1):
     """Flower messages need the identity of a running task: pose as the ServerApp of run ``run_id``."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -99,13 +99,13 @@ def inspect_sites(sites, *, data_dir: str | os.PathLike, preset: str = "default"
         keys = list(build_pretext_model(cfg, [(site.dataset, site.size)], objective).state_dict())
         sent = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(global_arrays[k])) for k in keys})
         ins = _instructions(site, preset=preset, local_steps=local_steps, batch_size=batch_size)
-        with _task_identity():
+        with task_identity():
             msg = Message(content=RecordDict({ARRAYS: sent, CONFIG: ConfigRecord({INSTRUCTIONS: ins.to_json(),
                                                                                   "server-round": 1})}),
                           dst_node_id=node_id, message_type=MessageType.TRAIN)
         node_config = {"name": site.name, "dataset": site.dataset, "size": site.size, "data-dir": str(data_dir)}
         context = Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
-        with _task_identity():
+        with task_identity():
             reply = client_app(msg, context)
         if reply.has_error():
             raise RuntimeError(f"{site.name}: the ClientApp replied with an error: {reply.error.reason}")

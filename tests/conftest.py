@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REAL_FILES = (
@@ -35,3 +36,22 @@ def real_data_dir() -> Path:
             pytrace=False,
         )
     return folder
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Flower messages need the identity of a running task: pose as one, then restore it."""
+    from deploy.payload import task_identity
+
+    with task_identity():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a busy 2-core machine two threads wait on each other at every op
+    (seen here: tiny-model steps up to 100x slower); these models and batches are too small to gain."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

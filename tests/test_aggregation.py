@@ -11,6 +11,8 @@ from medformer.wire import ARRAYS, METRICS, RoundInstructions
 from server.aggregation import ServerOptimizer, Update, keyed_mean, keyed_median, keyed_trimmed_mean
 from server.strategy import KeyedFedAvg, RoundFailed, Site
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
 
 def test_keyed_mean_equals_hand_computed_weighted_mean():
     rng = np.random.default_rng(0)
@@ -79,16 +81,6 @@ def _reply(msg: Message, arrays: dict, n: int) -> Message:
     record = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
     return Message(content=RecordDict({ARRAYS: record, METRICS: MetricRecord({"num-examples": n})}), reply_to=msg)
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need the identity of a running Flower task; give them a fake one, then restore."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def test_five_hospitals_scope_and_body_average():

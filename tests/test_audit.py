@@ -25,14 +25,7 @@ def _images(n: int, seed: int) -> MedMNISTSplit:
                          np.zeros((n, 1), np.int64))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tiny models run many times slower with OpenMP threads on a busy CPU."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-    torch.set_flush_denormal(False)  # train_local turns it on for the whole process (hypothesis then refuses to run)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model():

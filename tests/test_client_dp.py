@@ -17,6 +17,8 @@ from server.client_dp import KeyedServerSideFixedClipping, clip_update, client_l
 from server.strategy import KeyedFedAvg, Site
 from simulations.scenario import ScenarioError, load_scenario
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
 QUICKSTART = "simulations/configs/quickstart.yaml"
 
 
@@ -27,16 +29,6 @@ class _FakeGrid:
     def get_node_ids(self):
         return list(self._ids)
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need the identity of a running Flower task; give them a fake one, then restore."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def _sites():

@@ -269,9 +269,9 @@ def test_run_config_keys_are_declared_and_empty_means_unset():
 
 @pytest.fixture
 def task_identity():
-    from deploy.payload import _task_identity
+    from deploy.payload import task_identity as _posing
 
-    with _task_identity():
+    with _posing():
         yield
 
 

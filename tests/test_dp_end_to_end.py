@@ -22,6 +22,8 @@ from medformer.wire import ARRAYS, METRICS, PRIVACY, RoundInstructions
 from server.strategy import KeyedFedAvg, Site
 from simulations.cli import main
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART_DP = REPO / "simulations" / "configs" / "quickstart-dp.yaml"
 FAST = ["--set", "model.preset=tiny", "--set", "training.local_steps=5", "--set", "evaluation.max_train_examples=300"]
@@ -45,16 +47,6 @@ def test_contrastive_with_privacy_exits_2_before_training(tmp_path, capsys, real
 
 
 # ---- a hospital that cannot pay for its next round ------------------------------------------------
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need the identity of a running Flower task; give them a fake one, then restore."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-    torch.set_flush_denormal(False)  # train_local turns it on for the whole process (hypothesis then refuses to run)
 
 
 def test_exhausted_budget_trains_nothing_and_the_server_records_a_dropout(real_data_dir):

@@ -27,18 +27,11 @@ from medformer.training import LocalTrainSpec, train_local
 
 
 # Opacus's hooks on modules whose inputs need no grad, and vmap over CPU attention: both harmless.
-pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
               pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a busy 2-core machine two threads wait on each other at every op
-    (seen here: tiny-model steps up to 100x slower); these models and batches are too small to gain."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------------

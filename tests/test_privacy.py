@@ -29,19 +29,12 @@ FRESH = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 # Harmless warnings: Opacus hooks on modules whose inputs need no grad, vmap over CPU attention,
 # RDP orders at the edge of their range for extreme (test-only) budgets.
-pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
               pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
               pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a busy 2-core machine two threads wait on each other at every op
-    (seen here: tiny-model steps up to 100x slower); these models and batches are too small to gain."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

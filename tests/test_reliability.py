@@ -50,7 +50,7 @@ def test_damaged_checkpoints_are_refused_and_fallback_is_opt_in(tmp_path):
     assert load_latest(tmp_path / "empty") is None
 
 
-def test_fault_injection_mod_poisons_the_update(task_identity_for_messages):
+def test_fault_injection_mod_poisons_the_update(flower_task_identity):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     from client.faults import InjectedFault, fault_injection_mod
@@ -80,14 +80,6 @@ def test_fault_injection_mod_poisons_the_update(task_identity_for_messages):
         fault_injection_mod(message({"kind": "raise"}), None, handler)
 
 
-@pytest.fixture
-def task_identity_for_messages():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def _medfl(*args, timeout=900):

@@ -1,0 +1,83 @@
+"""Benchmarks: the quality script's quick mode runs end to end on real data and resumes; helpers are sound.
+
+A smoke test, not a measurement: the numbers of a quick run mean nothing.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import mean_std
+from benchmarks.quality import METHODS, append_row, read_rows
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_mean_std_uses_sample_std_and_skips_missing_values():
+    assert mean_std([]) == {"mean": None, "std": None, "n": 0}
+    assert mean_std([0.5, None, float("nan")]) == {"mean": 0.5, "std": None, "n": 1}
+    s = mean_std([1.0, 2.0, 3.0])
+    assert s["mean"] == pytest.approx(2.0) and s["std"] == pytest.approx(1.0) and s["n"] == 3
+
+
+def test_rows_file_survives_a_line_cut_by_a_kill(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    append_row(path, {"method": "random_init", "dataset": "breastmnist", "seed": 0})
+    with open(path, "a") as f:
+        f.write('{"method": "local_on')  # a write interrupted mid-line
+    assert [r["method"] for r in read_rows(path)] == ["random_init"]
+
+
+def _quality(out: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--datasets", "breastmnist", "--seeds", "0",
+           "--threads", "1", "--data-dir", str(data_dir), "--out", str(out)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_quality_quick_writes_every_row_and_resumes(tmp_path, real_data_dir):
+    out = tmp_path / "results"
+    proc = _quality(out, real_data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    rows = read_rows(out / "quality-quick.jsonl")
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+    assert {(r["dataset"], r["seed"], r["preset"]) for r in rows} == {("breastmnist", 0, "quick")}
+    for r in rows:
+        assert r["seconds"] >= 0 and r["fingerprint"]
+        for name, m in r["metrics"].items():
+            if "auc" in m:
+                assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["acc"] <= 1.0, (r["method"], name)
+
+    payload = json.loads((out / "quality-quick.json").read_text())
+    assert payload["quick"] and "QUICK" in payload["label"]
+    machine = payload["machine"]
+    assert machine["cores"] >= 1 and machine["cpu_model"]
+    assert all(machine["versions"][k] for k in ("torch", "flwr", "opacus", "medmnist"))
+    assert payload["command"].startswith("python -m benchmarks.quality") and "--quick" in payload["command"]
+    assert payload["seeds"] == [0] and payload["wall_seconds"] >= 0
+    assert payload["complete"] and payload["rows_done"] == len(METHODS)
+    cells = payload["summary"]["table"]["breastmnist"]
+    for column in ("random_init", "local_only", "federated_probe", "centralized", "federated_finetune",
+                   "supervised_scratch"):
+        assert 0.0 <= cells[column]["auc"]["mean"] <= 1.0, column
+    le = payload["summary"]["label_efficiency"]["breastmnist"]
+    assert {"federated@0.01", "random@0.01", "federated@0.1", "random@0.1", "federated@1", "random@1"} <= set(le)
+    assert payload["anchors"]["breastmnist"]["auc"] == 0.901
+    assert {t["status"] for t in payload["targets"]} <= {"met", "missed", "n/a"}
+    md = (out / "quality-quick.md").read_text()
+    assert "QUICK MODE" in md and "breastmnist" in md and "wall time" in md
+
+    # Rerunning the same command resumes: nothing is redone, no row is duplicated.
+    again = _quality(out, real_data_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 to run" in again.stderr
+    assert len(read_rows(out / "quality-quick.jsonl")) == len(rows)
+
+    from benchmarks import report
+    text = report.build(out)
+    assert "QUICK MODE" in text and "breastmnist" in text
