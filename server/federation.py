@@ -218,7 +218,7 @@ class Federation:
     def _audit(self, sites: dict[int, Site], record: ArrayRecord, evaluator: DownstreamEvaluator) -> None:
         sc = self.scenario
         state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
-        initial = self.initial_arrays()  # the reference: the untrained initial model saw no image at all
+        initial = self.initial_arrays(self.site_datasets(sites))  # the reference: the untrained model saw no image
         for site in sorted(sites.values(), key=lambda s: s.name):
             t0 = time.monotonic()
             model = build_pretext_model(self.cfg, [(site.dataset, site.size)], self.objective)
