@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from medformer.data import DataError, load_split, write_synthetic_npz
 from simulations.cli import main
@@ -147,3 +149,30 @@ def test_mutated_npz_files_load_or_fail_cleanly(tmp_path, flag):
             counts["rejected"] += 1
     print(f"npz fuzz {flag}: {n} files: {counts}")
     assert counts["rejected"] > n // 2
+
+
+# ---- property-based: hypothesis drives the byte-level damage --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_breast(tmp_path_factory):
+    return write_synthetic_npz(tmp_path_factory.mktemp("hyp"), "breastmnist", n_train=8, n_val=4, n_test=4).read_bytes()
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.one_of(st.none(), st.integers(min_value=0, max_value=20_000)),
+       flips=st.lists(st.tuples(st.integers(min_value=0, max_value=20_000), st.integers(min_value=1, max_value=255)),
+                      max_size=8))
+def test_property_damaged_npz_bytes_load_or_raise_data_error(synthetic_breast, tmp_path_factory, cut, flips):
+    raw = bytearray(synthetic_breast)
+    for pos, x in flips:
+        raw[pos % len(raw)] ^= x
+    if cut is not None:
+        raw = raw[: cut % (len(raw) + 1)]
+    d = tmp_path_factory.mktemp("case")
+    (d / "breastmnist.npz").write_bytes(bytes(raw))
+    try:
+        for split in ("train", "val", "test"):
+            load_split("breastmnist", split, data_dir=d, verify=False)
+    except DataError as e:
+        assert "\n" not in str(e) and "breastmnist.npz" in str(e)
