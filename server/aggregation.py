@@ -8,6 +8,7 @@ Pure numpy: no Flower types, so the maths is testable on its own.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -107,3 +108,23 @@ class ServerOptimizer:
         if state.get("name") != self.name:
             raise ValueError(f"checkpoint holds {state.get('name')!r} server-optimizer state, not {self.name!r}")
         self.state = {"m": dict(state["m"]), "v": dict(state["v"])}
+
+
+def clip_update(sent: dict[str, np.ndarray], reply: dict[str, np.ndarray], clipping_norm: float
+                ) -> tuple[dict[str, np.ndarray], float]:
+    """``sent + min(1, C / ||reply - sent||) (reply - sent)`` over the reply's keys, and the update's norm.
+
+    Args:
+        sent: what the hospital was sent, by key.
+        reply: what it returned (a subset of ``sent``'s keys, same shapes), by key.
+        clipping_norm: C, the largest L2 norm an update may have (over all its keys together).
+
+    Returns:
+        The clipped reply (same keys and dtypes as ``reply``) and the unclipped update's L2 norm.
+    """
+    delta = {k: np.asarray(v, dtype=np.float64) - np.asarray(sent[k], dtype=np.float64) for k, v in reply.items()}
+    norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    clipped = {k: (np.asarray(sent[k], dtype=np.float64) + scale * d).astype(np.asarray(reply[k]).dtype)
+               for k, d in delta.items()}
+    return clipped, norm

@@ -47,30 +47,10 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from opacus.accountants import RDPAccountant
 
 from medformer.wire import ARRAYS, METRICS, NUM_EXAMPLES
-from server.aggregation import ServerOptimizer
+from server.aggregation import ServerOptimizer, clip_update
 from server.strategy import KeyedFedAvg, _weighted_metrics
 
 log = logging.getLogger(__name__)
-
-
-def clip_update(sent: dict[str, np.ndarray], reply: dict[str, np.ndarray], clipping_norm: float
-                ) -> tuple[dict[str, np.ndarray], float]:
-    """``sent + min(1, C / ||reply - sent||) (reply - sent)`` over the reply's keys, and the update's norm.
-
-    Args:
-        sent: what the hospital was sent, by key.
-        reply: what it returned (a subset of ``sent``'s keys, same shapes), by key.
-        clipping_norm: C, the largest L2 norm an update may have (over all its keys together).
-
-    Returns:
-        The clipped reply (same keys and dtypes as ``reply``) and the unclipped update's L2 norm.
-    """
-    delta = {k: np.asarray(v, dtype=np.float64) - np.asarray(sent[k], dtype=np.float64) for k, v in reply.items()}
-    norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
-    clipped = {k: (np.asarray(sent[k], dtype=np.float64) + scale * d).astype(np.asarray(reply[k]).dtype)
-               for k, d in delta.items()}
-    return clipped, norm
 
 
 def client_level_epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, RoundInstructions
-from server.aggregation import ServerOptimizer, Update, keyed_mean, keyed_median, keyed_trimmed_mean
+from server.aggregation import ServerOptimizer, Update, clip_update, keyed_mean, keyed_median, keyed_trimmed_mean
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class KeyedFedAvg(FedAvg):
                 return None, f"key {k}: non-finite values"
             arrays[k] = a
         if self.update_clip_norm is not None:
-            arrays = clip_update(arrays, {k: sent[k].numpy() for k in arrays}, self.update_clip_norm)
+            arrays, _ = clip_update({k: sent[k].numpy() for k in arrays}, arrays, self.update_clip_norm)
         return Update(site.name, arrays, int(n)), None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -204,16 +204,6 @@ class KeyedFedAvg(FedAvg):
         new = self.server_optimizer.apply(current, agg)
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(new[k])) for k in current})
         return arrays, MetricRecord(_weighted_metrics(self.report.trained))
-
-
-def clip_update(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], max_norm: float) -> dict[str, np.ndarray]:
-    """Scale the update (arrays - sent) so that its L2 norm over all keys is at most ``max_norm``."""
-    deltas = {k: arrays[k].astype(np.float64) - sent[k] for k in arrays}
-    norm = float(np.sqrt(sum(float((d * d).sum()) for d in deltas.values())))
-    if norm <= max_norm:
-        return arrays
-    scale = max_norm / norm
-    return {k: (sent[k] + scale * deltas[k]).astype(arrays[k].dtype) for k in arrays}
 
 
 def _weighted_metrics(trained: dict[str, dict]) -> dict[str, float]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from server.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
-from server.strategy import clip_update
+from server.aggregation import clip_update
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,14 +19,16 @@ REPO = Path(__file__).resolve().parent.parent
 def test_clip_update_bounds_the_update_norm_and_leaves_small_ones():
     sent = {"a": np.zeros(4, np.float32), "b": np.ones(2, np.float32)}
     big = {"a": np.full(4, 3.0, np.float32), "b": np.full(2, 5.0, np.float32)}
-    clipped = clip_update(big, sent, 2.0)
+    clipped, norm_before = clip_update(sent, big, 2.0)
+    assert norm_before == pytest.approx(np.sqrt(4 * 9 + 2 * 16))
     norm = np.sqrt(sum(((clipped[k] - sent[k]) ** 2).sum() for k in sent))
     assert norm == pytest.approx(2.0, rel=1e-5)
     # direction kept
     ratio = (clipped["a"] - sent["a"]) / (big["a"] - sent["a"])
     assert np.allclose(ratio, ratio[0])
     small = {"a": np.full(4, 0.1, np.float32), "b": np.ones(2, np.float32)}
-    assert clip_update(small, sent, 2.0) is small
+    same, _ = clip_update(sent, small, 2.0)
+    assert all(np.array_equal(same[k], small[k]) for k in small)
 
 
 def test_damaged_checkpoints_are_refused_and_fallback_is_opt_in(tmp_path):
