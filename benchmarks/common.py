@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medformer.files import write_text_atomic
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -132,11 +134,7 @@ def command_line() -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+write_atomic = write_text_atomic  # the project's one atomic text writer
 
 
 def write_result(out_dir: Path, name: str, payload: Mapping[str, Any], markdown: str) -> tuple[Path, Path]:

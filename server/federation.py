@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from medformer.audit import membership_audit
+from medformer.files import write_text_atomic
 from medformer.model import make_config
 from medformer.privacy import default_delta
 from medformer.pretext import PretextObjective, build_pretext_model
@@ -296,7 +296,7 @@ class Federation:
         rounds = sc.training.rounds
         bar = _progress(rounds, self.state.round, enabled=self.s.progress)
         started = time.monotonic() - self.state.wall_seconds
-        record = ArrayRecord(array_dict={k: _array(v) for k, v in arrays.items()})
+        record = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         for rnd in range(self.state.round + 1, rounds + 1):
             t0 = time.monotonic()
             messages = strategy.configure_train(rnd, record, ConfigRecord(), grid)
@@ -375,15 +375,8 @@ class Federation:
             "dropouts": self.state.dropouts,
             "client_dp": self.client_dp,
         }
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, self.out / "summary.json")
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
-
-
-def _array(v: np.ndarray):
-    from flwr.app import Array
-    return Array(np.ascontiguousarray(v))
 
 
 def _truncate_metrics(path: Path, last_round: int) -> None:
@@ -391,9 +384,7 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] <= last_round]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _read_metrics(path: Path) -> list[dict]:

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from medformer.files import write_text_atomic  # noqa: E402
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -131,6 +133,4 @@ def write_report(out: Path, summary: dict, metrics: list[dict]) -> None:
         tmp = out / f".{name}"
         fn(metrics, tmp)
         os.replace(tmp, out / name)
-    tmp = out / ".report.md"
-    tmp.write_text(render_markdown(summary, metrics))
-    os.replace(tmp, out / "report.md")
+    write_text_atomic(out / "report.md", render_markdown(summary, metrics))

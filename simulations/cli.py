@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from medformer.data import DataError, resolve_data_dir
+from medformer.files import write_text_atomic
 from simulations.scenario import Scenario, ScenarioError, check_data_files, load_scenario
 
 log = logging.getLogger("medfl")
@@ -80,9 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # --- inputs are valid: from here on we write ---
     out_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
-        tmp = out_dir / ".config.yaml"
-        tmp.write_text(scenario.to_yaml())
-        os.replace(tmp, out_dir / "config.yaml")
+        write_text_atomic(out_dir / "config.yaml", scenario.to_yaml())
     _quiet_flower(args.verbose)
     spec = {"config": str((out_dir / "config.yaml").resolve()), "out_dir": str(out_dir.resolve()),
             "data_dir": data_dir, "resume": args.resume, "fallback_checkpoint": args.fallback_checkpoint,

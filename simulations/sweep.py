@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medformer.files import write_text_atomic
 from simulations.scenario import Scenario, ScenarioError, load_scenario
 
 log = logging.getLogger("medfl.sweep")
@@ -274,12 +275,6 @@ def plot_tradeoff(agg: list[dict], epsilons: list[float], path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(out: Path, meta: dict, rows: list[dict], epsilons: list[float]) -> None:
     """tradeoff.{csv,json,md,png}, each written to a temporary name and renamed."""
     agg = aggregate(rows, epsilons)
@@ -289,9 +284,9 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], epsilons: list[float]
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_FIELDS})
-    _atomic_text(out / "tradeoff.csv", buf.getvalue())
-    _atomic_text(out / "tradeoff.json", json.dumps({**meta, "rows": rows, "aggregate": agg, "notes": notes}, indent=2))
-    _atomic_text(out / "tradeoff.md", render_markdown(meta, agg, notes))
+    write_text_atomic(out / "tradeoff.csv", buf.getvalue())
+    write_text_atomic(out / "tradeoff.json", json.dumps({**meta, "rows": rows, "aggregate": agg, "notes": notes}, indent=2))
+    write_text_atomic(out / "tradeoff.md", render_markdown(meta, agg, notes))
     tmp = out / ".tradeoff.png.tmp.png"
     plot_tradeoff(agg, epsilons, tmp)
     os.replace(tmp, out / "tradeoff.png")
@@ -352,7 +347,7 @@ def run_sweep(config: str | os.PathLike, *, epsilons: list[float], repeats: int 
     # --- inputs are valid: from here on we write ---
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     (out_dir / "logs").mkdir(exist_ok=True)
-    _atomic_text(out_dir / PLAN_FILE, json.dumps(plan_record, indent=2))
+    write_text_atomic(out_dir / PLAN_FILE, json.dumps(plan_record, indent=2))
     print(f"medfl: sweep {base.name}: budgets {', '.join(plan_record['epsilons'])} x {repeats} repeat(s) = "
           f"{len(plans)} runs -> {out_dir}", file=sys.stderr)
 
