@@ -33,6 +33,7 @@ from torch import nn
 from medformer.data import MedMNISTSplit, get_info
 from medformer.layers import init_weights
 from medformer.model import DatasetRef, Medformer, MedformerConfig, TaskHead
+from medformer.pretext import augment as random_view
 
 __all__ = [
     "TASKS",
@@ -397,6 +398,8 @@ def fine_tune(
     weight_decay: float = 0.05,
     seed: int = 0,
     max_train_examples: int | None = None,
+    augment: bool = False,
+    validations: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """End-to-end fine-tuning of a copy of ``model`` with the downstream head of ``dataset``.
@@ -417,6 +420,11 @@ def fine_tune(
         weight_decay: AdamW decoupled weight decay.
         seed: seeds the label subset, a new head's init and the shuffling.
         max_train_examples: optional cap on train examples (stratified too).
+        augment: train on random views (``medformer.pretext.augment``: flips, mild zoom and shift,
+            contrast jitter); on a few hundred labels it is the main guard against overfitting.
+        validations: validate after this many evenly spaced epochs (always including the last)
+            instead of after every epoch; long fine-tunes of tiny label subsets would otherwise
+            spend most of their time on validation.
         progress: called after every epoch with ``{epoch, train_loss, val_auc, val_acc}``.
 
     Returns:
@@ -470,12 +478,15 @@ def fine_tune(
     best_key: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] = {}
     best_epoch, best_val = 0, {"auc": math.nan, "acc": math.nan}
+    validate_at = validation_epochs(epochs, validations)
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(n, generator=gen).numpy()
         total = 0.0
         for s in range(0, n, batch_size):
             x, y = train.batch(order[s : s + batch_size])  # [B, C, *S], [B, L]
+            if augment:
+                x = random_view(x, gen)
             loss = head_loss(net(x.to(device), dataset), y.to(device), task).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tune loss is {loss.item()} at epoch {epoch} on {dataset}; lower lr")
@@ -484,6 +495,8 @@ def fine_tune(
             optim.step()
             sched.step()
             total += loss.item() * x.shape[0]
+        if epoch not in validate_at:
+            continue
         net.eval()
         val = official_metrics(splits["val"].labels,
                                _predict_scores(net, splits["val"], dataset, task, batch_size=max(batch_size, 256)), task)
@@ -507,6 +520,15 @@ def fine_tune(
     log.info("fine-tune %s: test auc %.4f acc %.4f (best epoch %d/%d, n_train=%d, %.1fs)",
              dataset, result["auc"], result["acc"], best_epoch, epochs, n, result["seconds"])
     return result
+
+
+def validation_epochs(epochs: int, validations: int | None) -> set[int]:
+    """The epochs (1-based) after which ``fine_tune`` validates: evenly spaced, the last included."""
+    if validations is None or validations >= epochs:
+        return set(range(1, epochs + 1))
+    if validations < 1:
+        raise ValueError(f"validations must be >= 1, got {validations!r}")
+    return {math.ceil(k * epochs / validations) for k in range(1, validations + 1)}
 
 
 # --------------------------------------------------------------------------- conveniences

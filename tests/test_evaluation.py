@@ -18,6 +18,7 @@ from medformer.evaluation import (
     linear_probe,
     official_metrics,
     random_init_reference,
+    validation_epochs,
 )
 from medformer.model import Medformer, make_config
 
@@ -275,6 +276,32 @@ def test_fine_tune_deterministic_with_label_fraction_and_new_head(synth_dir) -> 
     assert a["n_train"] == 48
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
     assert "retinamnist" not in model.outputs  # the new head lives only in the copy
+
+
+def test_fine_tune_with_augmentation_and_sparse_validation(synth_dir) -> None:
+    sp = _splits(synth_dir, "breastmnist")
+    model = _model("breastmnist")
+    seen: list[dict] = []
+    kw = dict(epochs=7, batch_size=16, seed=0, augment=True, validations=3)
+    res = fine_tune(model, sp, "breastmnist", **kw, progress=seen.append)
+    assert [s["epoch"] for s in seen] == [3, 5, 7]  # evenly spaced, the last included
+    assert res["best_epoch"] in (3, 5, 7) and res["auc"] > 0.7
+    plain = fine_tune(model, sp, "breastmnist", epochs=7, batch_size=16, seed=0, validations=3)
+    assert plain["auc"] != res["auc"] or plain["val_auc"] != res["val_auc"]  # the views changed the training
+    again = fine_tune(model, sp, "breastmnist", **kw)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("epochs,validations,expected", [
+    (5, None, {1, 2, 3, 4, 5}), (5, 9, {1, 2, 3, 4, 5}), (10, 2, {5, 10}), (7, 1, {7}), (100, 4, {25, 50, 75, 100}),
+])
+def test_validation_epochs(epochs: int, validations: int | None, expected: set[int]) -> None:
+    assert validation_epochs(epochs, validations) == expected
+
+
+def test_validation_epochs_rejects_zero() -> None:
+    with pytest.raises(ValueError, match="validations"):
+        validation_epochs(5, 0)
 
 
 # --------------------------------------------------------------------------- conveniences
