@@ -142,6 +142,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
 
 
+BENCHMARKS = ("throughput", "quality", "systems", "report")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``medfl bench NAME ARGS...`` = ``python -m benchmarks.NAME ARGS...`` (same options, same results)."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{args.name}")
+    return module.main(list(args.args)) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="medfl", description="Federated self-supervised pretraining of the Medformer on MedMNIST.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -175,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs in the run logs")
     s.set_defaults(func=cmd_sweep)
+    b = sub.add_parser("bench", help="run a benchmark (benchmarks/<name>.py); options after the name go to it",
+                       description="Run a benchmark; `medfl bench NAME --help` lists its options.")
+    b.add_argument("name", choices=BENCHMARKS, help="which benchmark")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,6 +1,7 @@
 """The `medfl` CLI: bad input is exit code 2 with one line and nothing written; real runs end to end."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -168,3 +169,17 @@ def test_five_hospitals_mix_2d_and_3d_in_one_federation(tmp_path, real_data_dir)
     sent = line["bytes_sent"]
     assert sent["adrenal"] == sent["vessel"] != sent["breast"] == sent["pneumonia"]
     assert max(sent.values()) < summary["model"]["global_bytes"]
+
+
+def test_bench_forwards_to_the_benchmark_module(tmp_path, real_data_dir):
+    proc = _medfl("bench", "quality", "--plan", "--quick", "--datasets", "breastmnist", "--data-dir",
+                  str(real_data_dir), "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["preset"] == "quick" and plan["seeds"] == [0] and plan["rows"] == 6
+    bad = _medfl("bench", "quality", "--datasets", "nosuchmnist", "--data-dir", str(real_data_dir),
+                 "--out", str(tmp_path))
+    assert bad.returncode == 2 and "unknown --datasets nosuchmnist" in bad.stderr
+    unknown = _medfl("bench", "speed")
+    assert unknown.returncode == 2 and "invalid choice: 'speed'" in unknown.stderr
+    assert not list(tmp_path.iterdir())  # a plan of a subset and a refused run write nothing
