@@ -2,13 +2,15 @@
 
 Measures images/s of one local training step (forward, backward, AdamW step) of the DEFAULT preset on
 2D 28x28 batches (256) and 3D 28^3 batches (64), for masked reconstruction alone and masked
-reconstruction + rotation, without DP and with DP-SGD (Opacus GradSampleModule hooks + DPOptimizer,
-noise multiplier 1.0, clip 1.0), and the cost of DP as a ratio of step times.
+reconstruction + rotation, without DP and with DP-SGD (train_local's own pieces, noise multiplier 1.0,
+clip 1.0), and the cost of DP as a ratio of step times. DP-SGD clips per-sample gradients the way
+train_local does by default (``ghost``: per-sample norms without per-sample gradients of the Linear
+layers, medformer.dp_clipping); ``--dp-clipping hooks`` measures Opacus's GradSampleModule hooks instead.
 
 Usage::
 
     python -m benchmarks.throughput [--quick] [--out benchmarks/results/throughput.json]
-                                    [--threads 2] [--max-physical-batch N]
+                                    [--threads 2] [--dp-clipping ghost|hooks] [--max-physical-batch N]
 
 Batches are random but realistic (smooth structures on an exact black background, like the real
 scans) unless ``$MEDMNIST_DATA`` is set, in which case they come from the real PneumoniaMNIST and
@@ -36,8 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from benchmarks.common import (
     RESULTS, command_line, header_lines, load_average, machine_info, md_table, now, write_result,
@@ -45,7 +45,7 @@ from benchmarks.common import (
 from medformer.data import get_info, load_split
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.training import LocalTrainSpec, make_optimizer
+from medformer.training import DP_CLIPPING, LocalTrainSpec, make_dp_sgd, make_optimizer
 
 TARGET_2D_MAE_IPS = 1000.0
 TARGET_DP_SLOWDOWN = 2.0
@@ -56,6 +56,11 @@ CASES = (  # name, flag, size, batch
 OBJECTIVES = {"mae": {"mae": 1.0}, "mae+rotation": {"mae": 1.0, "rotation": 1.0}}
 DP_NOISE, DP_CLIP = 1.0, 1.0
 NOISY = 0.7  # a row whose median throughput is below 70% of its best was disturbed by other jobs
+CLIPPING_NOTE = {
+    "ghost": "medformer.dp_clipping: per-sample norms without per-sample gradients of the Linear layers, "
+             "train_local's default",
+    "hooks": "Opacus GradSampleModule hooks materialise every per-sample gradient",
+}
 
 
 @dataclass
@@ -104,7 +109,7 @@ class StepRunner:
     """One configuration's model, objective and optimizer; ``step(x)`` times one training step."""
 
     def __init__(self, flag: str, size: int, weights: dict[str, float], *, dp: bool, batch: int,
-                 physical: int = 0, seed: int = 0):
+                 physical: int = 0, clipping: str = "ghost", seed: int = 0):
         torch.manual_seed(seed)
         self.flag, self.dp = flag, dp
         self.objective = PretextObjective(weights)
@@ -113,22 +118,27 @@ class StepRunner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, LocalTrainSpec(optimizer="adamw", lr=1e-3))
         self.gen = torch.Generator().manual_seed(seed)
-        self.gsm = None
-        # DP-SGD chunks (train_local's max_physical_batch): clipped sums, one noisy step per batch.
+        self.clipper = None
+        # DP-SGD chunks (train_local's physical batch): clipped sums, one noisy step per batch.
         self.chunk = physical if dp and physical > 0 else batch
         if dp:
-            self.gsm = GradSampleModule(self.model, loss_reduction="mean")
-            self.optimizer = DPOptimizer(self.optimizer, noise_multiplier=DP_NOISE, max_grad_norm=DP_CLIP,
-                                         expected_batch_size=batch, generator=self.gen)
+            self.optimizer, self.clipper = make_dp_sgd(
+                self.model, self.optimizer, clipping=clipping, noise_multiplier=DP_NOISE, max_grad_norm=DP_CLIP,
+                expected_batch_size=batch, generator=self.gen)
 
     def step(self, x: torch.Tensor) -> float:
         start = time.perf_counter()
         for c in range(0, x.shape[0], self.chunk):
             self.optimizer.zero_grad(set_to_none=True)
-            loss, _ = self.objective(self.model, x[c : c + self.chunk], self.flag, self.gen)
-            loss.backward()
+            chunk = x[c : c + self.chunk]
             if self.dp:
+                with self.clipper.recording():
+                    loss, _ = self.objective(self.model, chunk, self.flag, self.gen)
+                self.clipper.backward(loss)
                 self.optimizer.signal_skip_step(do_skip=c + self.chunk < x.shape[0])
+            else:
+                loss, _ = self.objective(self.model, chunk, self.flag, self.gen)
+                loss.backward()
             self.optimizer.step()
         elapsed = time.perf_counter() - start
         if not torch.isfinite(loss):
@@ -136,15 +146,16 @@ class StepRunner:
         return elapsed
 
     def close(self) -> None:
-        if self.gsm is not None:
-            self.gsm._close()
+        if self.clipper is not None:
+            self.clipper.close()
 
 
 def time_pair(flag: str, size: int, batches: list[torch.Tensor], weights: dict[str, float], *,
-              warmup: int, steps: int, physical: int = 0) -> dict[bool, list[float]]:
+              warmup: int, steps: int, physical: int = 0, clipping: str = "ghost") -> dict[bool, list[float]]:
     """Step times without and with DP-SGD, interleaved step by step so both see the same load."""
     batch = batches[0].shape[0]
-    runners = {dp: StepRunner(flag, size, weights, dp=dp, batch=batch, physical=physical) for dp in (False, True)}
+    runners = {dp: StepRunner(flag, size, weights, dp=dp, batch=batch, physical=physical, clipping=clipping)
+               for dp in (False, True)}
     times: dict[bool, list[float]] = {False: [], True: []}
     try:
         for i in range(warmup + steps):
@@ -218,6 +229,10 @@ def table(figures: list[Figure], summary: dict) -> str:
     return md_table(header, rows) + "\n\n" + "\n".join(verdict)
 
 
+def _physical(chunk: int) -> str:
+    return str(chunk) if chunk else "whole"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,10 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"),
                         help="JSON output; the Markdown report goes next to it (.md)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the machines' cores)")
-    parser.add_argument("--max-physical-batch", type=int, default=LocalTrainSpec.dp_physical_batch,
-                        help="DP-SGD: process each batch in chunks of this size, 0 = whole batch "
-                             "(default: train_local's dp_physical_batch, 64)")
+    parser.add_argument("--dp-clipping", choices=DP_CLIPPING, default=LocalTrainSpec.dp_clipping,
+                        help="DP-SGD per-sample clipping: ghost (train_local's default) or hooks (Opacus "
+                             "GradSampleModule, the former path)")
+    parser.add_argument("--max-physical-batch", type=int, default=None,
+                        help="DP-SGD: process each batch in chunks of this size, 0 = whole batch (default: "
+                             "train_local's, whole batches with ghost, chunks of 64 with hooks)")
     args = parser.parse_args(argv)
+    if args.max_physical_batch is None:
+        args.max_physical_batch = LocalTrainSpec(dp_clipping=args.dp_clipping).physical_batch(dp=True)
 
     torch.set_num_threads(args.threads)
     # Real scans are mostly exact background; their gradients underflow to denormals (x86: ~4x slower).
@@ -241,14 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter()
     figures: list[Figure] = []
     print(f"Medformer default preset, {args.threads} threads, {source}, {warmup} warmup + {steps} timed steps "
-          f"(plain and DP-SGD interleaved), DP physical batch {args.max_physical_batch or 'whole'}; "
+          f"(plain and DP-SGD interleaved), DP-SGD clipping {args.dp_clipping}, physical batch "
+          f"{_physical(args.max_physical_batch)}; "
           f"load average {machine['load_average_at_start']}", flush=True)
     for case, flag, size, batch in CASES:
         batches = (real_batches(data_dir, flag, size, batch, 4) if data_dir
                    else realistic_batches(flag, size, batch, 4))
         for obj_name, weights in OBJECTIVES.items():
             times = time_pair(flag, size, batches, weights, warmup=warmup, steps=steps,
-                              physical=args.max_physical_batch)
+                              physical=args.max_physical_batch, clipping=args.dp_clipping)
             for dp, ts in times.items():
                 med = statistics.median(ts)
                 fig = Figure(case, obj_name, dp, batch, steps, round(batch / med, 1), round(batch / min(ts), 1),
@@ -263,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "throughput", "preset": "default", "source": source, "quick": args.quick,
         "threads": args.threads, "batch_sizes": {c: b for c, _, _, b in CASES},
-        "dp": {"noise_multiplier": DP_NOISE, "max_grad_norm": DP_CLIP, "grad_sample_mode": "hooks",
+        "dp": {"noise_multiplier": DP_NOISE, "max_grad_norm": DP_CLIP, "clipping": args.dp_clipping,
                "max_physical_batch": args.max_physical_batch or None},
         "warmup_steps": warmup, "timed_steps": steps, "seeds": [0],
         "command": command_line(), "wall_seconds": round(wall, 1), "finished_at": now(),
@@ -278,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         "# Medformer training throughput" + (" (QUICK MODE: a smoke run, not for the numbers)" * args.quick),
         "", *header_lines(payload),
         f"- torch threads: {args.threads}; load average at end {payload['load_average_at_end']}",
-        f"- data: {source}; model preset `default`; AdamW; DP-SGD by Opacus hooks, noise {DP_NOISE}, "
-        f"clip {DP_CLIP}, physical batch {args.max_physical_batch or 'whole'}",
+        f"- data: {source}; model preset `default`; AdamW; DP-SGD with {args.dp_clipping} clipping "
+        f"({CLIPPING_NOTE[args.dp_clipping]}), noise {DP_NOISE}, clip {DP_CLIP}, physical batch "
+        f"{_physical(args.max_physical_batch)}",
         f"- timing: {warmup} warmup + {steps} timed steps per row, plain and DP-SGD steps interleaved; "
         "img/s from the median step time, and from the fastest step (best); verdicts use best",
         "", report,

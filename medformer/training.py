@@ -1,30 +1,35 @@
 """One hospital's local pretext training, plain or under DP-SGD.
 
 The same loop serves both: without DP it shuffles and walks the data in batches; with DP it draws
-Poisson-sampled batches (what the accountant assumes), computes per-sample gradients with Opacus's
-GradSampleModule hooks, clips, noises and records every step in the hospital's PrivacyLedger. A
-logical batch larger than ``max_physical_batch`` is processed in chunks whose clipped gradients are
-summed before the single noisy step (what Opacus's BatchMemoryManager does).
+Poisson-sampled batches (what the accountant assumes), clips each sample's gradient, noises the sum
+and records every step in the hospital's PrivacyLedger. Per-sample clipping comes in two exact forms:
+``ghost`` (default, medformer.dp_clipping: per-sample norms without per-sample gradients of the Linear
+layers) and ``hooks`` (Opacus's GradSampleModule, every per-sample gradient materialised). A logical
+batch larger than the physical batch is processed in chunks whose clipped gradients are summed before
+the single noisy step (what Opacus's BatchMemoryManager does).
 """
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from medformer.data import MedMNISTSplit
+from medformer.dp_clipping import GhostClipper
 from medformer.model import Medformer
 from medformer.pretext import PretextObjective
 from medformer.privacy import PrivacyLedger, steps_for
 
 log = logging.getLogger(__name__)
+
+DP_CLIPPING = ("ghost", "hooks")
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,15 @@ class LocalTrainSpec:
         optimizer: 'adamw' or 'sgd'.
         proximal_mu: FedProx coefficient mu of (mu/2)||w - w_global||^2 (0 = off).
         max_physical_batch: largest chunk pushed through the model at once.
-        dp_physical_batch: the chunk size under DP-SGD. Per-sample gradients of a whole batch of 256
-            cost ~600 MB and 6x a plain step on 2D inputs; chunks of 64 stay in cache (3.5x at batch
-            256 on 2D MAE, 1.9x on 3D; see benchmarks/throughput.py). Results are identical.
+        dp_clipping: how DP-SGD clips per-sample gradients: 'ghost' (per-sample norms from each
+            Linear layer's inputs and output gradients, clipped sum in one matmul) or 'hooks'
+            (Opacus materialises every per-sample gradient). Same clipped sums to float tolerance.
+            On the default preset ghost costs 1.3-1.6x a plain step, hooks 1.6-3.4x (benchmarks/
+            throughput.py, 2D MAE at batch 256 is where hooks is slowest).
+        dp_physical_batch: the chunk size under DP-SGD with 'hooks'. Per-sample gradients of a whole
+            batch of 256 cost ~600 MB and 6x a plain step on 2D inputs; chunks of 64 stay in cache
+            (3.5x at batch 256 on 2D MAE). Results are identical. 'ghost' stores no more than plain
+            training and uses max_physical_batch.
     """
 
     batch_size: int = 128
@@ -53,10 +64,21 @@ class LocalTrainSpec:
     optimizer: str = "adamw"
     proximal_mu: float = 0.0
     max_physical_batch: int = 512
+    dp_clipping: str = "ghost"
     dp_physical_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dp_clipping not in DP_CLIPPING:
+            raise ValueError(f"unknown dp_clipping {self.dp_clipping!r}; choose from {', '.join(DP_CLIPPING)}")
 
     def steps(self, num_examples: int) -> int:
         return steps_for(num_examples, self.batch_size, self.local_epochs, self.local_steps)
+
+    def physical_batch(self, dp: bool) -> int:
+        """Largest chunk of a logical batch pushed through the model at once."""
+        if dp and self.dp_clipping == "hooks":
+            return min(self.max_physical_batch, self.dp_physical_batch)
+        return self.max_physical_batch
 
 
 @dataclass
@@ -166,7 +188,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
     steps = spec.steps(n)
     model.train()
 
-    gsm = None
+    clipper = None
     if ledger is not None:
         if not objective.per_sample:
             raise ValueError(
@@ -174,10 +196,10 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
                 "losses; DP-SGD cannot protect them"
             )
         plan = ledger.plan
-        gsm = GradSampleModule(model, loss_reduction="mean")
-        optimizer = DPOptimizer(
-            optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=max(1, round(plan.sample_rate * n)), generator=generator,
+        optimizer, clipper = make_dp_sgd(
+            model, optimizer, clipping=spec.dp_clipping, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm, expected_batch_size=max(1, round(plan.sample_rate * n)),
+            generator=generator,
         )
 
         def after_noise(opt: DPOptimizer) -> None:
@@ -190,7 +212,8 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
     else:
         batches = _shuffled_batches(n, spec.batch_size, steps, generator)
 
-    physical = spec.max_physical_batch if gsm is None else min(spec.max_physical_batch, spec.dp_physical_batch)
+    dp = clipper is not None
+    physical = spec.physical_batch(dp)
     start = time.perf_counter()
     seen, loss_sum, task_sums = 0, 0.0, {k: 0.0 for k in objective.tasks}
     try:
@@ -203,17 +226,21 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
                 x, _ = data.batch(chunk)
                 w = len(chunk) / len(idx)
                 last = c == len(chunks) - 1
-                # DP: per-sample gradients need a fresh grad_sample per chunk (the DPOptimizer keeps
-                # the clipped sum across skipped steps). Plain: gradients accumulate, chunk-weighted.
-                if gsm is not None or c == 0:
+                # DP: each chunk's clipped sum is computed afresh (the DPOptimizer keeps the running
+                # sum across skipped steps). Plain: gradients accumulate, chunk-weighted.
+                if dp or c == 0:
                     optimizer.zero_grad(set_to_none=True)
-                loss, parts = objective(model, x, dataset, generator)
-                (loss if gsm is not None else loss * w).backward()
-                if gsm is not None:
+                if dp:
+                    with clipper.recording():
+                        loss, parts = objective(model, x, dataset, generator)
+                    clipper.backward(loss)
                     optimizer.signal_skip_step(do_skip=not last)
-                elif anchor is not None:
-                    _add_proximal_grad(params, anchor, spec.proximal_mu)
-                if gsm is not None or last:
+                else:
+                    loss, parts = objective(model, x, dataset, generator)
+                    (loss * w).backward()
+                    if anchor is not None:
+                        _add_proximal_grad(params, anchor, spec.proximal_mu)
+                if dp or last:
                     optimizer.step()
                 step_loss += loss.item() * w
                 for k, v in parts.items():
@@ -225,12 +252,9 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
             if on_step is not None:
                 on_step(step, step_loss)
     finally:
-        if gsm is not None:
-            gsm._close()  # remove hooks: the model is reused plain (evaluation, next round)
-            for p in model.parameters():
-                for attr in ("grad_sample", "summed_grad", "_current_grad_sample", "_forward_counter"):
-                    if hasattr(p, attr):
-                        delattr(p, attr)
+        if clipper is not None:
+            clipper.close()  # remove hooks: the model is reused plain (evaluation, next round)
+            _forget_dp_state(model)
     seconds = time.perf_counter() - start
     result = LocalTrainResult(
         num_examples=n, steps=steps, seconds=seconds, images_per_second=seen / max(seconds, 1e-9),
@@ -247,5 +271,55 @@ def _empty_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramete
     # ("Gradients haven't been cleared") or, worse, release that batch's gradient a second time.
     optimizer.zero_grad(set_to_none=True)
     for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):
+            p.grad = torch.zeros_like(p)  # the clipped sum of no samples
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
     optimizer.step()
+
+
+# --------------------------------------------------------------------------------------------------
+# DP-SGD: per-sample clipping + the Opacus optimizer that noises, scales and steps
+# --------------------------------------------------------------------------------------------------
+class HooksClipping:
+    """Opacus's GradSampleModule: hooks materialise per-sample gradients; the DPOptimizer clips them.
+
+    Same interface as :class:`~medformer.dp_clipping.GhostClipper` (``recording``, ``backward``, ``close``).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.gsm = GradSampleModule(model, loss_reduction="mean")
+
+    def recording(self):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def close(self) -> None:
+        self.gsm._close()
+
+
+def make_dp_sgd(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, clipping: str, noise_multiplier: float,
+    max_grad_norm: float, expected_batch_size: int, generator: torch.Generator,
+) -> tuple[DPOptimizer, GhostClipper | HooksClipping]:
+    """DP-SGD around ``optimizer``: the clipper of the chosen kind and the DPOptimizer that sums the
+    chunks' clipped gradients, adds N(0, (noise_multiplier * max_grad_norm)^2) noise to the sum and
+    divides by ``expected_batch_size`` (Poisson sampling), then steps."""
+    common = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                  expected_batch_size=expected_batch_size, generator=generator)
+    if clipping == "ghost":
+        # Gets p.grad = the chunk's clipped sum from the clipper; noises and scales like DPOptimizer.
+        return DPOptimizerFastGradientClipping(optimizer, **common), GhostClipper(model, max_grad_norm)
+    if clipping == "hooks":
+        return DPOptimizer(optimizer, **common), HooksClipping(model)
+    raise ValueError(f"unknown dp_clipping {clipping!r}; choose from {', '.join(DP_CLIPPING)}")
+
+
+def _forget_dp_state(model: torch.nn.Module) -> None:
+    """Drop what Opacus leaves on the parameters (per-sample and summed gradients, counters)."""
+    for p in model.parameters():
+        for attr in ("grad_sample", "summed_grad", "_current_grad_sample", "_forward_counter"):
+            if hasattr(p, attr):
+                delattr(p, attr)

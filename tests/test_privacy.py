@@ -3,18 +3,18 @@
 What they pin down: the noise is calibrated for the whole federation; the epsilon a hospital reports
 is the composition of every step it took (checked against a fresh Opacus accountant, across rounds
 and through a JSON round trip); per-sample clipping and Gaussian noise are really applied at the
-planned scale; and DP-SGD without noise or clipping is exactly the plain optimizer step.
+planned scale; and DP-SGD without noise or clipping is exactly the plain optimizer step; all of it
+with both per-sample clipping paths (ghost, the default, and Opacus hooks).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.optimizers import DPOptimizer
 
 from medformer import training
 from medformer.data import write_synthetic_npz, load_split
@@ -164,7 +164,8 @@ def test_ledger_counts_every_round_and_survives_json(data, plans, accountant: st
     assert PrivacyLedger(plan).epsilon_after(steps_per_round) < 0.7 * final.epsilon()
 
 
-def test_empty_poisson_batches_take_a_noise_only_step(data, monkeypatch) -> None:
+@pytest.mark.parametrize("clipping", ["ghost", "hooks"])
+def test_empty_poisson_batches_take_a_noise_only_step(data, monkeypatch, clipping: str) -> None:
     """At rate 1/64 many batches are empty, some right after a non-empty one."""
     sizes: list[int] = []
     original = training._poisson_batches
@@ -177,7 +178,8 @@ def test_empty_poisson_batches_take_a_noise_only_step(data, monkeypatch) -> None
     monkeypatch.setattr(training, "_poisson_batches", spy)
     objective = PretextObjective({"mae": 1.0})
     model = _model(objective)
-    spec = LocalTrainSpec(batch_size=1, local_steps=20, optimizer="sgd", lr=1e-3, weight_decay=0.0)
+    spec = LocalTrainSpec(batch_size=1, local_steps=20, optimizer="sgd", lr=1e-3, weight_decay=0.0,
+                          dp_clipping=clipping)
     plan = plan_dp(num_examples=len(data), batch_size=1, steps_per_round=20, rounds=1, noise_multiplier=1.0)
     ledger = PrivacyLedger(plan)
     result, _ = train_local(model, objective, data, FLAG, spec, generator=torch.Generator().manual_seed(0),
@@ -191,25 +193,25 @@ def test_empty_poisson_batches_take_a_noise_only_step(data, monkeypatch) -> None
 # Clipping and noise, one DP-SGD step built from the pieces train_local uses
 # --------------------------------------------------------------------------------------------------
 def _step(model, objective, x, *, dp: bool, noise: float = 0.0, clip: float = 1e6, lr: float = 0.1,
-          mask_seed: int = 0, noise_seed: int = 0) -> torch.Tensor:
+          mask_seed: int = 0, noise_seed: int = 0, clipping: str = "ghost") -> torch.Tensor:
     """One optimizer step on the fixed batch x (SGD, no weight decay); returns the weight change."""
     before = _weights(model).clone()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, LocalTrainSpec(optimizer="sgd", lr=lr, weight_decay=0.0))
-    gsm = None
+    clipper = None
     if dp:
-        gsm = GradSampleModule(model, loss_reduction="mean")
-        optimizer = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=clip,
-                                expected_batch_size=x.shape[0],
-                                generator=torch.Generator().manual_seed(noise_seed))
+        optimizer, clipper = training.make_dp_sgd(
+            model, optimizer, clipping=clipping, noise_multiplier=noise, max_grad_norm=clip,
+            expected_batch_size=x.shape[0], generator=torch.Generator().manual_seed(noise_seed))
     try:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = objective(model, x, FLAG, torch.Generator().manual_seed(mask_seed))
-        loss.backward()
+        with clipper.recording() if clipper is not None else contextlib.nullcontext():
+            loss, _ = objective(model, x, FLAG, torch.Generator().manual_seed(mask_seed))
+        clipper.backward(loss) if clipper is not None else loss.backward()
         optimizer.step()
     finally:
-        if gsm is not None:
-            gsm._close()
+        if clipper is not None:
+            clipper.close()
             for p in model.parameters():
                 for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample"):
                     if hasattr(p, attr):
@@ -221,32 +223,39 @@ def _batch(data, b: int = 16) -> torch.Tensor:
     return data.batch(np.arange(b))[0]
 
 
-def test_dp_step_without_noise_or_clipping_is_plain_sgd(data) -> None:
+CLIPPING = pytest.mark.parametrize("clipping", ["ghost", "hooks"])
+
+
+@CLIPPING
+def test_dp_step_without_noise_or_clipping_is_plain_sgd(data, clipping: str) -> None:
     objective = PretextObjective({"mae": 1.0, "rotation": 1.0})
     x = _batch(data)
     plain = _step(_model(objective), objective, x, dp=False)
-    private = _step(_model(objective), objective, x, dp=True, noise=0.0, clip=1e6)
+    private = _step(_model(objective), objective, x, dp=True, noise=0.0, clip=1e6, clipping=clipping)
     assert plain.abs().max() > 0
     torch.testing.assert_close(private, plain, rtol=1e-4, atol=1e-5 * plain.abs().max().item())
 
 
-def test_dp_step_clips_per_sample_gradients(data) -> None:
+@CLIPPING
+def test_dp_step_clips_per_sample_gradients(data, clipping: str) -> None:
     objective = PretextObjective({"mae": 1.0, "rotation": 1.0})
     x, lr, clip = _batch(data), 1.0, 1e-3
     plain = _step(_model(objective), objective, x, dp=False, lr=lr)
-    clipped = _step(_model(objective), objective, x, dp=True, noise=0.0, clip=clip, lr=lr)
+    clipped = _step(_model(objective), objective, x, dp=True, noise=0.0, clip=clip, lr=lr, clipping=clipping)
     # Mean of per-sample gradients each clipped to norm <= clip: the update is within lr * clip.
     assert clipped.norm() <= lr * clip * (1 + 1e-4)
     assert clipped.norm() > 0.1 * lr * clip
     assert plain.norm() > 100 * lr * clip  # so the bound above is clipping's doing
 
 
-def test_dp_step_adds_gaussian_noise_at_the_planned_scale(data) -> None:
+@CLIPPING
+def test_dp_step_adds_gaussian_noise_at_the_planned_scale(data, clipping: str) -> None:
     objective = PretextObjective({"mae": 1.0})
     x, lr, clip, sigma = _batch(data), 1.0, 0.5, 1.0
-    a = _step(_model(objective), objective, x, dp=True, noise=sigma, clip=clip, lr=lr, noise_seed=1)
-    b = _step(_model(objective), objective, x, dp=True, noise=sigma, clip=clip, lr=lr, noise_seed=2)
-    again = _step(_model(objective), objective, x, dp=True, noise=sigma, clip=clip, lr=lr, noise_seed=1)
+    kw = dict(dp=True, noise=sigma, clip=clip, lr=lr, clipping=clipping)
+    a = _step(_model(objective), objective, x, noise_seed=1, **kw)
+    b = _step(_model(objective), objective, x, noise_seed=2, **kw)
+    again = _step(_model(objective), objective, x, noise_seed=1, **kw)
     assert torch.equal(a, again)
     # Same data and masks, so the difference is the noise: per coordinate N(0, 2 (sigma clip / B)^2) lr^2.
     expected_std = lr * math.sqrt(2) * sigma * clip / x.shape[0]
@@ -258,10 +267,10 @@ def test_dp_step_adds_gaussian_noise_at_the_planned_scale(data) -> None:
 # train_local under DP
 # --------------------------------------------------------------------------------------------------
 def _train(data, objective, *, seed: int, ledger_plan=None, max_physical_batch: int = 512,
-           steps: int = 2, batch_size: int = 32):
+           steps: int = 2, batch_size: int = 32, clipping: str = "ghost"):
     model = _model(objective)
     spec = LocalTrainSpec(batch_size=batch_size, local_steps=steps, lr=0.1, optimizer="sgd", weight_decay=0.0,
-                          max_physical_batch=max_physical_batch)
+                          max_physical_batch=max_physical_batch, dp_clipping=clipping)
     ledger = PrivacyLedger(ledger_plan) if ledger_plan is not None else None
     result, _ = train_local(model, objective, data, FLAG, spec, generator=torch.Generator().manual_seed(seed),
                             ledger=ledger)
@@ -279,14 +288,17 @@ def test_dp_noise_depends_on_the_generator(data) -> None:
     assert r1.epsilon is not None and r1.epsilon > 0
 
 
-@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
-def test_chunking_gives_the_same_update(data, dp: bool) -> None:
+@pytest.mark.parametrize("mode", ["plain", "ghost", "hooks"])
+def test_chunking_gives_the_same_update(data, mode: str) -> None:
     """max_physical_batch below the batch size: chunks summed into one step, same weights (noise 0)."""
     objective = _image_keyed_objective()
+    dp = mode != "plain"
     plan = plan_dp(num_examples=len(data), batch_size=32, steps_per_round=2, rounds=1, noise_multiplier=0.0,
                    max_grad_norm=0.05) if dp else None
-    whole, r_whole, _ = _train(data, objective, seed=3, ledger_plan=plan)
-    chunked, r_chunked, ledger = _train(data, objective, seed=3, ledger_plan=plan, max_physical_batch=7)
+    clipping = "hooks" if mode == "hooks" else "ghost"
+    whole, r_whole, _ = _train(data, objective, seed=3, ledger_plan=plan, clipping=clipping)
+    chunked, r_chunked, ledger = _train(data, objective, seed=3, ledger_plan=plan, max_physical_batch=7,
+                                        clipping=clipping)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
     assert r_chunked.loss == pytest.approx(r_whole.loss, rel=1e-5)
     if dp:
