@@ -45,7 +45,7 @@ from benchmarks.common import (
 from medformer.data import get_info, load_split
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.training import DP_CLIPPING, LocalTrainSpec, make_dp_sgd, make_optimizer
+from medformer.training import DP_CLIPPING, LocalTrainSpec, chunk_backward, make_dp_sgd, make_optimizer
 
 TARGET_2D_MAE_IPS = 1000.0
 TARGET_DP_SLOWDOWN = 2.0
@@ -130,15 +130,10 @@ class StepRunner:
         start = time.perf_counter()
         for c in range(0, x.shape[0], self.chunk):
             self.optimizer.zero_grad(set_to_none=True)
-            chunk = x[c : c + self.chunk]
+            loss, _ = chunk_backward(self.objective, self.model, x[c : c + self.chunk], self.flag, self.gen,
+                                     self.clipper)
             if self.dp:
-                with self.clipper.recording():
-                    loss, _ = self.objective(self.model, chunk, self.flag, self.gen)
-                self.clipper.backward(loss)
                 self.optimizer.signal_skip_step(do_skip=c + self.chunk < x.shape[0])
-            else:
-                loss, _ = self.objective(self.model, chunk, self.flag, self.gen)
-                loss.backward()
             self.optimizer.step()
         elapsed = time.perf_counter() - start
         if not torch.isfinite(loss):

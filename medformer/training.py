@@ -230,16 +230,11 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
                 # sum across skipped steps). Plain: gradients accumulate, chunk-weighted.
                 if dp or c == 0:
                     optimizer.zero_grad(set_to_none=True)
+                loss, parts = chunk_backward(objective, model, x, dataset, generator, clipper, weight=w)
                 if dp:
-                    with clipper.recording():
-                        loss, parts = objective(model, x, dataset, generator)
-                    clipper.backward(loss)
                     optimizer.signal_skip_step(do_skip=not last)
-                else:
-                    loss, parts = objective(model, x, dataset, generator)
-                    (loss * w).backward()
-                    if anchor is not None:
-                        _add_proximal_grad(params, anchor, spec.proximal_mu)
+                elif anchor is not None:
+                    _add_proximal_grad(params, anchor, spec.proximal_mu)
                 if dp or last:
                     optimizer.step()
                 step_loss += loss.item() * w
@@ -263,6 +258,24 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
     )
     state = (optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer).state_dict()
     return result, state
+
+
+def chunk_backward(objective: PretextObjective, model: Medformer, x: torch.Tensor, dataset: str,
+                   generator: torch.Generator, clipper: GhostClipper | HooksClipping | None, *,
+                   weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward and backward of one chunk of a batch; returns the objective's (loss, task losses).
+
+    Under DP-SGD (``clipper`` given) the gradients left for the DP optimizer are the chunk's clipped
+    per-sample sums; without, ``weight`` x the mean loss is backpropagated (chunks accumulate).
+    """
+    if clipper is None:
+        loss, parts = objective(model, x, dataset, generator)
+        (loss * weight).backward()
+        return loss, parts
+    with clipper.recording():
+        loss, parts = objective(model, x, dataset, generator)
+    clipper.backward(loss)
+    return loss, parts
 
 
 def _empty_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
