@@ -46,13 +46,14 @@ import numpy as np
 import torch
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, DATASETS, REPO, RESULTS, command_line, fmt_ms, fmt_seconds,
-                               header_lines, load_average, machine_info, md_table, mean_std, now, write_result)
+                               header_lines, load_average, machine_info, md_table, mean_std, now, write_atomic,
+                               write_result)
 from client.hospital import round_seed
 from medformer.data import DataError, MedMNISTSplit, get_info, load_splits, resolve_data_dir
 from medformer.evaluation import fine_tune, label_subset, linear_probe, random_init_reference, validation_epochs
 from medformer.model import Medformer, MedformerConfig, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.training import LocalTrainSpec, make_optimizer, train_local
+from medformer.training import LocalTrainSpec, flush_denormals, make_optimizer, train_local
 from server.aggregation import ServerOptimizer, Update, keyed_mean
 from simulations.scenario import Scenario, ScenarioError, load_scenario
 
@@ -274,7 +275,6 @@ class Experiment:
         model = build_pretext_model(self.cfg, [(d, 28) for d in self.datasets], self.objective)
         model.load_state_dict(self.initial_state(seed), strict=True)
         model.train()
-        torch.set_flush_denormal(True)  # as train_local
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], self.spec)
         steps = {h.dataset: rounds * self.steps_per_round(h.dataset) for h in self.hospitals}
         # Proportional round-robin: dataset d's i-th batch sits at (i + 0.5) / steps[d] of the run.
@@ -284,16 +284,17 @@ class Experiment:
         batches = {d: _epoch_batches(len(self.splits(d)["train"]), self.spec.batch_size, gens[d]) for d in steps}
         torch.manual_seed(round_seed(seed, "centralized", 0) ^ 1)
         sums = {d: [0.0, 0] for d in steps}
-        for _, _, d in schedule:
-            x, _ = self.splits(d)["train"].batch(next(batches[d]))
-            loss, _ = self.objective(model, x, d, gens[d])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"centralized pretext loss became {loss.item()} on {d}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums[d][0] += loss.item()
-            sums[d][1] += 1
+        with flush_denormals():  # as train_local, and put back afterwards
+            for _, _, d in schedule:
+                x, _ = self.splits(d)["train"].batch(next(batches[d]))
+                loss, _ = self.objective(model, x, d, gens[d])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"centralized pretext loss became {loss.item()} on {d}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums[d][0] += loss.item()
+                sums[d][1] += 1
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return Pretrained({d: self._encoder_keys(state, d) for d in steps},
                           {"steps": steps, "mean_loss": {d: s / max(n, 1) for d, (s, n) in sums.items()},
@@ -309,13 +310,16 @@ class Experiment:
         splits = self.splits(dataset)
         cap = p.max_train_examples
         ft = p.fine_tune_kwargs(seed)
-        n_all = len(label_subset(splits["train"].labels, splits["train"].info.task, max_examples=cap, seed=seed))
-        ft_all = {**ft, "epochs": p.fine_tune_epochs_for(n_all)}
+
+        def all_labels(model: Medformer) -> dict[str, float]:
+            n = len(label_subset(splits["train"].labels, splits["train"].info.task, max_examples=cap, seed=seed))
+            return _numbers(fine_tune(model, splits, dataset, **ft, epochs=p.fine_tune_epochs_for(n)))
+
         if method == "random_init":
             return {"linear_probe": _numbers(random_init_reference(self.cfg, (dataset, 28), splits, seed,
                                                                    max_train_examples=cap))}
         if method == "supervised_scratch":
-            return {"fine_tune": _numbers(fine_tune(self.random_model(dataset, seed), splits, dataset, **ft_all))}
+            return {"fine_tune": all_labels(self.random_model(dataset, seed))}
         if method == "label_efficiency":
             out = {}
             fed = self.encoder(self.pretrained("federated", seed).states[dataset], dataset)
@@ -332,7 +336,7 @@ class Experiment:
         out = {"linear_probe": _numbers(linear_probe(model, splits, dataset, seed=seed, max_train_examples=cap)),
                "pretrain": {"steps": pre.log["steps"][dataset], "seconds_all_hospitals": pre.log.get("seconds")}}
         if method == "federated":
-            out["fine_tune"] = _numbers(fine_tune(model, splits, dataset, **ft_all))
+            out["fine_tune"] = all_labels(model)
         return out
 
 
@@ -687,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(pl, indent=2))
         if set(datasets) == set(DATASETS) and set(methods) == set(METHODS):  # the plan the README quotes
             path = out / f"quality-{preset_name}-plan.json"
-            path.write_text(json.dumps(pl, indent=2) + "\n")
+            write_atomic(path, json.dumps(pl, indent=2) + "\n")
             print(f"wrote {path}", file=sys.stderr)
         for which in ("best", "median"):
             if f"estimated_seconds_{which}" in pl:
