@@ -108,9 +108,10 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # Fine-tunes: batch 32 with augmentation and >= 600 steps (a calibration on BreastMNIST from
-    # random init, test AUC: 20 epochs x batch 128 plain 0.715; 60 x 32 0.755; + augmentation 0.784;
-    # 100 x 32 augmented 0.810). 1,000 steps did not fit the 3-hour budget with three seeds.
+    # Fine-tunes: batch 32 with augmentation and >= 600 steps. Chosen by a one-off calibration (a
+    # scratch script, not kept in the repo) of medformer.evaluation.fine_tune on BreastMNIST from
+    # random init, seed 0, test AUC: 20 epochs x batch 128 plain 0.715; 60 x 32 0.755; + augmentation
+    # 0.784; 100 x 32 augmented 0.810. 1,000 steps did not fit the 3-hour budget with three seeds.
     "full": Preset(fine_tune_batch=32, fine_tune_encoder_lr=1e-3, fine_tune_augment=True, min_steps=600,
                    validations=20),
     "quick": Preset(sets=("model.preset=tiny", "training.rounds=2", "training.local_steps=2",
