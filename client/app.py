@@ -2,71 +2,105 @@
 
 ``query``: says who this site is (dataset, size, examples), so the server can build the model for
 exactly the sites that are connected. ``train``: loads the received keys, runs the round's pretext
-training (optionally DP-SGD), replies with the trained keys and scalar metrics only.
+training under the site's own privacy policy (node-config, ``client.policy``), replies with the
+trained keys and scalar metrics only.
+
+This ``app`` is what a deployed SuperNode runs: it has no fault-injection mod (that one lives in
+``client.faults.chaos_app``, which only ``medfl run`` uses, and only for scenarios that declare faults).
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.faults import fault_injection_mod
-from client.hospital import identity_from_instructions, identity_from_node_config, local_data, longer_history, train_round
-from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, RoundInstructions
+from client.hospital import (SiteConfigError, identity_from_instructions, identity_from_node_config, local_data,
+                             train_round)
+from client.policy import LedgerStore, PolicyError, SitePolicy, trusted_history
+from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, REFUSAL, RoundInstructions
 
-# The fault-injection mod does nothing unless a (test) scenario declares faults.
-app = ClientApp(mods=[fault_injection_mod])
+log = logging.getLogger("medfl.client")
+
+app = ClientApp()
 
 _LEDGER = "privacy-ledger"        # context.state ConfigRecord: the accountant history (JSON)
 _OPTIMIZER = "optimizer-state"    # context.state ConfigRecord: torch-serialised optimizer state
 
 
-@app.query()
+def site_policy(context: Context) -> SitePolicy:
+    """The site's own privacy policy from its node-config (SiteConfigError names a bad key)."""
+    try:
+        return SitePolicy.from_node_config(dict(context.node_config))
+    except PolicyError as e:
+        raise SiteConfigError(str(e)) from None
+
+
 def query(msg: Message, context: Context) -> Message:
     """Report this site's identity and size."""
     roster = json.loads(str(msg.content[CONFIG]["roster"]))
     site = identity_from_node_config(dict(context.node_config), roster=roster)
+    site_policy(context)  # a malformed policy is reported at discovery, before any round
     n = len(local_data(site, int(roster.get("seed", 0))))
     info = ConfigRecord({"client": json.dumps(site.client_fields()), "num-examples": n})
     return Message(content=RecordDict({"site": info}), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this hospital's keys for one round."""
     ins = RoundInstructions.from_json(str(msg.content[CONFIG][INSTRUCTIONS]))
     site = identity_from_instructions(ins, dict(context.node_config))
+    policy = site_policy(context)
+    store = LedgerStore(policy.state_dir, site.name) if policy.state_dir is not None else None
     received = msg.content[ARRAYS].to_torch_state_dict()
     state = context.state
-    own_ledger = str(state[_LEDGER]["json"]) if _LEDGER in state.config_records else None
+    remembered = str(state[_LEDGER]["json"]) if _LEDGER in state.config_records else None
     opt_state = None
     if _OPTIMIZER in state.config_records:
-        opt_state = torch.load(io.BytesIO(state[_OPTIMIZER]["bytes"]), weights_only=False)
-    trained, result, ledger, new_opt, plan = train_round(
-        ins, site, received, ledger_state=longer_history(own_ledger, ins.privacy_state), optimizer_state=opt_state)
+        opt_state = torch.load(io.BytesIO(state[_OPTIMIZER]["bytes"]), weights_only=True)
+    # The site's own copies first: the server's copy can only ever add steps, never remove any.
+    out = train_round(ins, site, received, ledger_state=trusted_history(remembered, ins.privacy_state),
+                      optimizer_state=opt_state, policy=policy, store=store, run_id=context.run_id)
 
     content = RecordDict()
-    if ledger is not None:
-        state[_LEDGER] = ConfigRecord({"json": ledger.to_json()})
-        content[PRIVACY] = ConfigRecord({"state": ledger.to_json()})
-    if result is None:  # privacy budget spent: say so, send nothing to average
+    if out.ledger is not None:
+        state[_LEDGER] = ConfigRecord({"json": out.ledger.to_json()})
+        content[PRIVACY] = privacy_record(out)
+    if out.refusal is not None:  # the site will not train this round: say why, send nothing to average
+        log.warning("%s refuses round %d: %s", site.name, ins.round, out.refusal)
         content[ARRAYS] = ArrayRecord()
-        content[METRICS] = MetricRecord({NUM_EXAMPLES: 0, "budget-exhausted": 1, "epsilon": ledger.epsilon()})
+        content[METRICS] = MetricRecord({NUM_EXAMPLES: 0})
+        content[REFUSAL] = ConfigRecord({"reason": out.refusal})
         return Message(content=content, reply_to=msg)
     if ins.training.get("keep_optimizer_state"):
         buf = io.BytesIO()
-        torch.save(new_opt, buf)
+        torch.save(out.optimizer_state, buf)
         state[_OPTIMIZER] = ConfigRecord({"bytes": buf.getvalue()})
-    metrics = {NUM_EXAMPLES: result.num_examples, "loss": result.loss, "images-per-second": result.images_per_second,
-               "seconds": result.seconds, "steps": result.steps}
-    metrics.update({f"loss-{k}": v for k, v in result.task_losses.items()})
-    if plan is not None:
-        metrics.update({"epsilon": result.epsilon, "delta": plan.delta, "noise-multiplier": plan.noise_multiplier,
-                        "sample-rate": plan.sample_rate, "steps-total": ledger.steps,
-                        "max-grad-norm": plan.max_grad_norm, "accountant": 0 if plan.accountant == "rdp" else 1})
-    content[ARRAYS] = ArrayRecord(torch_state_dict=trained)
+    result = out.result
+    metrics = {NUM_EXAMPLES: result.num_examples, "steps": result.steps}
+    if out.ledger is None:  # without DP, losses and throughput are the round's public diagnostics
+        metrics.update({"loss": result.loss, "images-per-second": result.images_per_second,
+                        "seconds": result.seconds})
+        metrics.update({f"loss-{k}": v for k, v in result.task_losses.items()})
+    # Under DP-SGD a reply carries no unnoised function of the data besides the noised weights:
+    # losses and throughput (images/s x seconds = the sum of the Poisson batch sizes) stay here.
+    content[ARRAYS] = ArrayRecord(torch_state_dict=out.trained)
     content[METRICS] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
+
+
+def privacy_record(out) -> ConfigRecord:
+    """The privacy figures of a DP round, all public: the history (noise, rate, steps) and the
+    epsilon it gives at the site's delta, plus where the site's policy overrode the request."""
+    plan, ledger = out.plan, out.ledger
+    return ConfigRecord({"state": ledger.to_json(), "epsilon": ledger.epsilon(), "delta": plan.delta,
+                         "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+                         "steps": ledger.steps, "max-grad-norm": plan.max_grad_norm, "accountant": plan.accountant,
+                         "site-policy": "; ".join(out.notes)})
+
+
+app.query()(query)
+app.train()(train)

@@ -2,7 +2,9 @@
 
 A scenario may declare ``faults`` (a testing aid; production scenarios declare none). The server
 puts a hospital's fault for the round into its instructions (``extra["fault"]``), and this mod acts
-on it around the real train handler:
+on it around the real train handler. Only :data:`chaos_app` carries the mod, and only ``medfl run``
+uses it, for a scenario that declares faults; the deployed ``client.app:app`` has no mod and ignores
+such orders, so a server can never make a real site hang, fail or scale its update.
 
 * ``raise``: the hospital fails with an exception (Flower replies with an error).
 * ``hang``: it answers only after ``seconds`` (longer than the round timeout).
@@ -17,8 +19,10 @@ import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.app import query, train
 from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, RoundInstructions
 
 KINDS = ("raise", "hang", "scale", "sign-flip", "nan", "extra-key")
@@ -64,3 +68,9 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
         return reply
     reply.content[ARRAYS] = _poison(msg.content[ARRAYS], reply.content[ARRAYS], kind, float(fault.get("factor", 10.0)))
     return reply
+
+
+#: The simulation-only ClientApp of chaos scenarios: the real handlers behind the fault-injection mod.
+chaos_app = ClientApp(mods=[fault_injection_mod])
+chaos_app.query()(query)
+chaos_app.train()(train)

@@ -7,18 +7,20 @@ suggests: the data dir and dataset are the hospital's to say.
 """
 from __future__ import annotations
 
-import hashlib
+import difflib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
+from client.policy import POLICY_KEYS, LedgerStore, PolicyRefusal, SitePolicy, settle_privacy, trusted_history
 from medformer.data import DataError, MedMNISTSplit, get_info, load_split
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.privacy import DPPlan, PrivacyLedger, plan_dp
+from medformer.privacy import DPPlan, PrivacyLedger
+from medformer.seeding import round_seed
 from medformer.training import LocalTrainResult, LocalTrainSpec, train_local
 from medformer.wire import RoundInstructions
 from simulations.scenario import partition_indices
@@ -45,8 +47,19 @@ class SiteIdentity:
                 "partition_method": self.partition_method, "partition_alpha": self.partition_alpha}
 
 
+#: node-config keys a deployed site may set (identity, then its privacy policy: client.policy).
+SITE_KEYS = ("name", "dataset", "size", "data-dir") + POLICY_KEYS
+#: keys Flower's simulation engine sets.
+SIMULATION_KEYS = ("partition-id", "num-partitions")
+
+
 def identity_from_node_config(node_config: dict, *, roster: dict | None = None) -> SiteIdentity:
     """Deployment: the node's --node-config names the site. Simulation: partition-id picks a client."""
+    unknown = sorted(set(node_config) - set(SITE_KEYS) - set(SIMULATION_KEYS))
+    if unknown:  # a misspelt privacy key must not silently leave a site unprotected
+        close = difflib.get_close_matches(unknown[0], SITE_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SiteConfigError(f"unknown node-config key {unknown[0]!r}{hint}; a site's keys are {', '.join(SITE_KEYS)}")
     if "dataset" in node_config:
         flag = str(node_config["dataset"])
         try:
@@ -97,28 +110,51 @@ def local_data(site: SiteIdentity, seed: int) -> MedMNISTSplit:
     return split.subset(parts[site.partition_index])
 
 
-def round_seed(seed: int, name: str, rnd: int) -> int:
-    """A hospital's RNG seed for a round: fixed by (scenario seed, site, round), so a resumed run
-    replays exactly what an uninterrupted one does."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{name}/{rnd}".encode()).digest()[:8], "little")
+def dp_plan(ins: RoundInstructions, num_examples: int, spec: LocalTrainSpec, policy: SitePolicy
+            ) -> tuple[DPPlan | None, list[str]]:
+    """This round's DP-SGD plan: the server's request, tightened by the site's own policy."""
+    return settle_privacy(ins.privacy, policy, num_examples=num_examples, batch_size=spec.batch_size,
+                          steps_per_round=spec.steps(num_examples), rounds=ins.rounds)
 
 
-def dp_plan(ins: RoundInstructions, num_examples: int, spec: LocalTrainSpec) -> DPPlan | None:
-    p = ins.privacy
-    if not p:
-        return None
-    return plan_dp(num_examples=num_examples, batch_size=spec.batch_size, steps_per_round=spec.steps(num_examples),
-                   rounds=ins.rounds, target_epsilon=p.get("target_epsilon"), noise_multiplier=p.get("noise_multiplier"),
-                   delta=p.get("target_delta"), max_grad_norm=p.get("max_grad_norm", 1.0),
-                   accountant=p.get("accountant", "rdp"))
+@dataclass
+class RoundOutcome:
+    """What one round at a site produced.
+
+    Attributes:
+        trained: the trained keys; empty when the site refused the round.
+        result: the local training's result; None when refused.
+        ledger: the DP-SGD accountant (None without DP).
+        plan: the DP-SGD plan the site trained with (None without DP).
+        optimizer_state: the optimizer's state after the round (kept when asked for).
+        notes: where the site's policy overrode the server's request.
+        refusal: why the site did not train, or None.
+    """
+
+    trained: dict[str, torch.Tensor]
+    result: LocalTrainResult | None
+    ledger: PrivacyLedger | None = None
+    plan: DPPlan | None = None
+    optimizer_state: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    refusal: str | None = None
 
 
 def train_round(ins: RoundInstructions, site: SiteIdentity, received: dict[str, torch.Tensor], *,
-                ledger_state: str | None, optimizer_state: dict | None
-                ) -> tuple[dict[str, torch.Tensor], LocalTrainResult | None, PrivacyLedger | None, dict, DPPlan | None]:
-    """Load the received keys, train one round, return (trained keys, result, ledger, optimizer state, plan).
+                ledger_state: str | None, optimizer_state: dict | None, policy: SitePolicy = SitePolicy(),
+                store: LedgerStore | None = None, run_id: int | str = 0) -> RoundOutcome:
+    """Load the received keys and train one round under the site's privacy policy.
 
-    ``result`` is None when the privacy budget cannot pay for the round (nothing trained).
+    Args:
+        ins: the server's instructions for this round.
+        site: who this site is (its dataset, size, partition).
+        received: the global values of the keys this site holds.
+        ledger_state: the longest accountant history of this run the site knows (its memory, the
+            server's copy); the site's own ``store``, when given, is consulted too.
+        optimizer_state: the optimizer's state of the previous round, if kept.
+        policy: the site's own privacy floor (node-config).
+        store: the site's ledger on its own disk (node-config ``state-dir``).
+        run_id: the Flower run this round belongs to (the ledger's key).
     """
     torch.set_num_threads(int(ins.training.get("threads", 1)))
     cfg = make_config(ins.model["preset"], **ins.model.get("overrides", {}))
@@ -134,24 +170,30 @@ def train_round(ins: RoundInstructions, site: SiteIdentity, received: dict[str, 
     spec = LocalTrainSpec(batch_size=t["batch_size"], local_epochs=t["local_epochs"], local_steps=t.get("local_steps"),
                           lr=t["lr"], weight_decay=t["weight_decay"], optimizer=t["optimizer"],
                           proximal_mu=t.get("proximal_mu", 0.0))
-    plan = dp_plan(ins, len(data), spec)
+    try:
+        plan, notes = dp_plan(ins, len(data), spec, policy)
+    except PolicyRefusal as e:
+        return RoundOutcome({}, None, refusal=str(e))
     ledger = None
     if plan is not None:
-        ledger = PrivacyLedger.from_json(plan, ledger_state)
-        if not ledger.can_afford(plan.steps_per_round):
-            return {}, None, ledger, optimizer_state or {}, plan
-    generator = torch.Generator().manual_seed(round_seed(ins.seed, site.name, ins.round))
-    torch.manual_seed(round_seed(ins.seed, site.name, ins.round) ^ 1)
+        own = json.dumps({"history": store.history(run_id)}) if store and store.history(run_id) else None
+        ledger = PrivacyLedger.from_json(plan, trusted_history(own, ledger_state),
+                                         prior=store.other_runs(run_id) if store else None, cap=policy.max_epsilon)
+        steps = spec.steps(len(data))
+        refusal = ledger.refusal(steps)
+        if refusal is not None:
+            return RoundOutcome({}, None, ledger, plan, optimizer_state or {}, notes, refusal)
+        if store is not None:  # reserve the round's spend on the site's own disk before anything is released
+            store.save(run_id, ledger.history + [(plan.noise_multiplier, plan.sample_rate, steps)],
+                       delta=plan.delta, accountant=plan.accountant)
+    # Masks, rotations, augmentations and (without DP) shuffling: seeded, reproducible. DP noise and
+    # Poisson sampling: train_local draws them from a fresh secret generator (medformer.seeding).
+    seed = round_seed(ins.seed, site.name, ins.round)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed ^ 1)
     result, opt_state = train_local(model, objective, data, site.dataset, spec, generator=generator,
                                     optimizer_state=optimizer_state if t.get("keep_optimizer_state") else None,
                                     ledger=ledger)
-    return model.state_dict(), result, ledger, opt_state, plan
-
-
-def longer_history(a: str | None, b: str | None) -> str | None:
-    """Of two accountant states (JSON), the one with more steps: the site's own memory and the
-    server's checkpointed copy can only differ by rounds one of them has not seen yet."""
-    def steps(s: str | None) -> int:
-        return sum(int(h[2]) for h in json.loads(s)["history"]) if s else -1
-    return a if steps(a) >= steps(b) else b
-
+    if store is not None and ledger is not None:
+        store.save(run_id, ledger.history, delta=plan.delta, accountant=plan.accountant)
+    return RoundOutcome(model.state_dict(), result, ledger, plan, opt_state, notes)

@@ -25,6 +25,7 @@ import datetime as dt
 import ipaddress
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +56,25 @@ class KeyPair:
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write atomically; private files are created with mode 0600 (never world-readable)."""
+    """Write atomically through a fresh temporary file in the same folder.
+
+    ``mkstemp`` creates it with O_EXCL and mode 0600, so nothing planted under a predictable name (a
+    file, a symlink) is ever opened and a private key is never readable by others, not even briefly;
+    public files are widened to 0644 before the rename.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if not private:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _san(name: str) -> x509.GeneralName:

@@ -102,31 +102,69 @@ def epsilon_of(history: list[tuple[float, float, int]], *, delta: float, account
 
 
 class PrivacyLedger:
-    """The accountant of one hospital, persisted across rounds as a small JSON-able state."""
+    """The accountant of one hospital, persisted across rounds as a small JSON-able state.
 
-    def __init__(self, plan: DPPlan, state: dict | None = None):
+    Args:
+        plan: this run's DP-SGD plan (noise, rate, delta, per-run budget).
+        state: the run's history so far, ``{"history": [[sigma, q, steps], ...]}``.
+        prior: DP steps the same records took in other runs (a site's ledger on disk); they count
+            against ``cap`` but not against the run's own budget.
+        cap: the site's own lifetime budget (node-config ``max-epsilon``), or None.
+    """
+
+    def __init__(self, plan: DPPlan, state: dict | None = None, *, prior: list | None = None,
+                 cap: float | None = None):
         self.plan = plan
         self.accountant = make_accountant(plan.accountant)
         if state:
             self.accountant.history = [tuple(h) for h in state["history"]]
+        self.prior = [tuple(h) for h in prior or []]
+        self.cap = cap
 
     @property
     def steps(self) -> int:
         return sum(int(s) for _, _, s in self.accountant.history)
 
+    @property
+    def history(self) -> list[tuple]:
+        return list(self.accountant.history)
+
     def epsilon(self) -> float:
+        """This run's epsilon at the plan's delta."""
         return epsilon_of(self.accountant.history, delta=self.plan.delta, accountant=self.plan.accountant)
+
+    def lifetime_epsilon(self) -> float:
+        """Epsilon of every step these records took (other runs included) at the plan's delta."""
+        return epsilon_of(self.prior + self.accountant.history, delta=self.plan.delta, accountant=self.plan.accountant)
+
+    def _next(self, extra_steps: int) -> tuple:
+        return (self.plan.noise_multiplier, self.plan.sample_rate, extra_steps)
 
     def epsilon_after(self, extra_steps: int) -> float:
         """Epsilon if ``extra_steps`` more steps at the planned noise and rate were taken."""
-        history = list(self.accountant.history) + [(self.plan.noise_multiplier, self.plan.sample_rate, extra_steps)]
-        return epsilon_of(history, delta=self.plan.delta, accountant=self.plan.accountant)
+        return epsilon_of(self.history + [self._next(extra_steps)], delta=self.plan.delta,
+                          accountant=self.plan.accountant)
+
+    def refusal(self, extra_steps: int) -> str | None:
+        """Why ``extra_steps`` more steps cannot be paid for (the run's budget or the site's lifetime
+        cap would be exceeded), or None when they can."""
+        tol = 1 + 1e-9
+        if self.plan.target_epsilon is not None:
+            after = self.epsilon_after(extra_steps)
+            if after > self.plan.target_epsilon * tol:
+                return (f"privacy budget exhausted: {extra_steps} more steps would take this run's epsilon from "
+                        f"{self.epsilon():.3g} to {after:.3g}, over its target {self.plan.target_epsilon:g}")
+        if self.cap is not None:
+            after = epsilon_of(self.prior + self.history + [self._next(extra_steps)], delta=self.plan.delta,
+                               accountant=self.plan.accountant)
+            if after > self.cap * tol:
+                return (f"privacy budget exhausted: {extra_steps} more steps would take the site's lifetime epsilon "
+                        f"to {after:.3g}, over its node-config max-epsilon {self.cap:g}")
+        return None
 
     def can_afford(self, extra_steps: int) -> bool:
-        """False when ``extra_steps`` more steps would take epsilon past the target budget."""
-        if self.plan.target_epsilon is None:
-            return True
-        return self.epsilon_after(extra_steps) <= self.plan.target_epsilon * (1 + 1e-9)
+        """False when ``extra_steps`` more steps would exceed the run's budget or the site's cap."""
+        return self.refusal(extra_steps) is None
 
     def record_step(self) -> None:
         self.accountant.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
@@ -138,8 +176,8 @@ class PrivacyLedger:
         return json.dumps(self.state_dict())
 
     @classmethod
-    def from_json(cls, plan: DPPlan, text: str | None) -> "PrivacyLedger":
-        return cls(plan, json.loads(text) if text else None)
+    def from_json(cls, plan: DPPlan, text: str | None, **kw) -> "PrivacyLedger":
+        return cls(plan, json.loads(text) if text else None, **kw)
 
 
 def steps_for(num_examples: int, batch_size: int, local_epochs: float, local_steps: int | None) -> int:

@@ -26,6 +26,7 @@ from medformer.dp_clipping import GhostClipper
 from medformer.model import Medformer
 from medformer.pretext import PretextObjective
 from medformer.privacy import PrivacyLedger, steps_for
+from medformer.seeding import secret_generator as fresh_secret_generator
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ def train_local(
     spec: LocalTrainSpec,
     *,
     generator: torch.Generator,
+    secret_generator: torch.Generator | None = None,
     optimizer_state: Mapping | None = None,
     ledger: PrivacyLedger | None = None,
     on_step: Callable[[int, float], None] | None = None,
@@ -143,7 +145,10 @@ def train_local(
         data: the hospital's training split (or partition of it).
         dataset: the MedMNIST flag of ``data``.
         spec: optimisation settings.
-        generator: the hospital's RNG (batches, masks, rotations, DP noise); persists across rounds.
+        generator: the hospital's seeded RNG: shuffling, masks, rotations, augmentations (reproducible).
+        secret_generator: under DP-SGD, the source of the Poisson batches and the Gaussian noise.
+            None (what a site always uses) = a fresh one seeded from ``os.urandom``
+            (``medformer.seeding``): nobody else can replay the noise. Tests pass a seeded one.
         optimizer_state: the optimizer's state from the previous round, if kept.
         ledger: DP-SGD accountant; when given, trains with DP-SGD at its plan's noise and clip.
         on_step: called with (step, loss) after each step (progress display).
@@ -153,7 +158,8 @@ def train_local(
     """
     with flush_denormals():
         return _train_local(model, objective, data, dataset, spec, generator=generator,
-                            optimizer_state=optimizer_state, ledger=ledger, on_step=on_step)
+                            secret_generator=secret_generator, optimizer_state=optimizer_state, ledger=ledger,
+                            on_step=on_step)
 
 
 def _denormals_flushed() -> bool:
@@ -176,7 +182,8 @@ def flush_denormals():
         torch.set_flush_denormal(before)
 
 
-def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_state, ledger, on_step):
+def _train_local(model, objective, data, dataset, spec, *, generator, secret_generator, optimizer_state, ledger,
+                 on_step):
     n = len(data)
     if n == 0:
         raise ValueError(f"hospital data for {dataset} is empty")
@@ -196,10 +203,11 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
                 "losses; DP-SGD cannot protect them"
             )
         plan = ledger.plan
+        secret = secret_generator if secret_generator is not None else fresh_secret_generator()
         optimizer, clipper = make_dp_sgd(
             model, optimizer, clipping=spec.dp_clipping, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, expected_batch_size=max(1, round(plan.sample_rate * n)),
-            generator=generator,
+            generator=secret,
         )
 
         def after_noise(opt: DPOptimizer) -> None:
@@ -208,7 +216,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, optimizer_
                 _add_proximal_grad(params, anchor, spec.proximal_mu)
 
         optimizer.attach_step_hook(after_noise)
-        batches = _poisson_batches(n, plan.sample_rate, steps, generator)
+        batches = _poisson_batches(n, plan.sample_rate, steps, secret)  # secret: membership of a batch is private
     else:
         batches = _shuffled_batches(n, spec.batch_size, steps, generator)
 
@@ -319,9 +327,14 @@ def make_dp_sgd(
 ) -> tuple[DPOptimizer, GhostClipper | HooksClipping]:
     """DP-SGD around ``optimizer``: the clipper of the chosen kind and the DPOptimizer that sums the
     chunks' clipped gradients, adds N(0, (noise_multiplier * max_grad_norm)^2) noise to the sum and
-    divides by ``expected_batch_size`` (Poisson sampling), then steps."""
+    divides by ``expected_batch_size`` (Poisson sampling), then steps.
+
+    ``generator`` draws the noise: a secret one (``medformer.seeding.secret_generator``) for any
+    release. Opacus's ``secure_mode`` draws each noise value as the scaled sum of four Gaussians,
+    which defeats the floating-point attacks on a single Gaussian sample (Holohan & Braghin 2021).
+    """
     common = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                  expected_batch_size=expected_batch_size, generator=generator)
+                  expected_batch_size=expected_batch_size, generator=generator, secure_mode=True)
     if clipping == "ghost":
         # Gets p.grad = the chunk's clipped sum from the clipper; noises and scales like DPOptimizer.
         return DPOptimizerFastGradientClipping(optimizer, **common), GhostClipper(model, max_grad_norm)

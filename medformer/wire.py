@@ -2,9 +2,10 @@
 
 A train message carries ``arrays`` (only the keys that hospital uses) and ``config`` with one JSON
 field, ``instructions``: everything the hospital needs to run the round. The reply carries
-``arrays`` (the keys it trained), ``metrics`` (scalars, always ``num-examples``) and ``privacy``
-(the hospital's accountant history, public numbers the server checkpoints so that ``--resume``
-keeps counting). Images and labels never appear here.
+``arrays`` (the keys it trained), ``metrics`` (scalars, always ``num-examples``; under DP-SGD only
+``num-examples`` and ``steps``), ``privacy`` (under DP-SGD: the accountant history and the epsilon it
+gives, public numbers the server checkpoints) and, when the site will not train, ``refusal``
+(``{"reason": ...}``). Images and labels never appear here.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 PRIVACY = "privacy"
+REFUSAL = "refusal"  # a site's reply when it will not train the round: {"reason": ...}
 INSTRUCTIONS = "instructions"
 NUM_EXAMPLES = "num-examples"
 

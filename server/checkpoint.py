@@ -3,6 +3,10 @@
 Layout: ``checkpoints/round-0003.pt`` plus ``round-0003.pt.sha256``. Each file is written to a
 temporary name, fsynced and renamed, the checksum last: a checkpoint without a matching checksum
 is incomplete or damaged and is never loaded silently.
+
+The payload holds only tensors (numpy arrays are stored as tensors), numbers, strings and
+containers, and is read back with ``torch.load(weights_only=True)``: loading a checkpoint never
+runs code from it, whoever wrote the file.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 _NAME = re.compile(r"round-(\d{4,})\.pt$")
@@ -36,7 +41,7 @@ def save_checkpoint(directory: str | os.PathLike, round_: int, payload: dict[str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    torch.save({"round": round_, **payload}, buf)
+    torch.save(_tensors({"round": round_, **payload}), buf)
     data = buf.getvalue()
     path = directory / f"round-{round_:04d}.pt"
     _atomic_write(path, data)
@@ -68,7 +73,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if actual != expected:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: sha256 {actual[:12]}... "
                               f"!= recorded {expected[:12]}...")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return _arrays(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
+def _tensors(obj: Any) -> Any:
+    """numpy arrays -> tensors, recursively (what ``weights_only`` loading accepts)."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors(v) for v in obj)
+    return obj
+
+
+def _arrays(obj: Any) -> Any:
+    """tensors -> numpy arrays, recursively (the checkpoint's callers work in numpy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_arrays(v) for v in obj)
+    return obj
 
 
 def load_latest(directory: str | os.PathLike, *, fallback: bool = False) -> dict[str, Any] | None:

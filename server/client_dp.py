@@ -21,11 +21,17 @@ the two places that assumed one shared key set:
 3. **Order**: the noise goes on the average, before the server optimizer (FedAvgM, FedAdam), whose
    state then only ever holds noised values: everything after the noise is post-processing.
 
-Accounting: one sampled Gaussian release per round with noise multiplier ``sigma`` and sampling rate
-``q = sampled / total`` hospitals, composed with Opacus's ``RDPAccountant`` (Mironov 2017; Mironov et
-al. 2019 for subsampling). Hospitals are sampled as a fixed-size subset, not by Poisson sampling as
-the subsampled-RDP bound assumes; with ``fraction_train = 1`` (q = 1, no amplification) the bound is
-exact, otherwise it is the usual DP-FedAvg approximation.
+4. **Secret noise**: the Gaussian noise comes from a generator seeded afresh every round from the
+   server's ``os.urandom`` (``medformer.seeding.secret_numpy_rng``), never from the scenario seed the
+   hospitals know: a hospital that could regenerate the noise could subtract it and read the clean
+   aggregate. A resumed run therefore adds different noise than the interrupted one would have.
+
+Accounting: one Gaussian release per round with noise multiplier ``sigma``, composed over rounds with
+Opacus's ``RDPAccountant`` (Mironov 2017) at sampling rate q = 1: no amplification by subsampling is
+claimed. Hospitals are sampled as a fixed-size subset drawn from the public scenario seed, which is
+not the secret Poisson sampling the amplified bound assumes; q = 1 is the honest bound whichever
+hospitals a round samples (a hospital sampled every round is the worst case). The default delta is
+:func:`default_client_delta`.
 
 Why not Flower's own accountant (``flwr.serverapp.PrivacyAccountant`` / ``RdpAccountant``): the wrapper
 accepts one only when the wrapped strategy uses ``FedAvg.aggregate_train`` unchanged (KeyedFedAvg
@@ -46,11 +52,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from opacus.accountants import RDPAccountant
 
+from medformer.seeding import secret_numpy_rng
 from medformer.wire import ARRAYS, METRICS, NUM_EXAMPLES
 from server.aggregation import ServerOptimizer, clip_update
 from server.strategy import KeyedFedAvg, _weighted_metrics
 
 log = logging.getLogger(__name__)
+
+
+def default_client_delta(num_clients: int) -> float:
+    """Client-level delta when the scenario sets none: 1e-5, or 1/(100 n) for n > 1,000 hospitals.
+
+    Delta is the probability that the guarantee fails outright, so it must be far below 1/n (a delta
+    of 1/n allows releasing one random hospital's update in the clear); 1e-5 is the usual choice for
+    the consortium sizes this project sees.
+    """
+    return min(1e-5, 1.0 / (100 * max(1, num_clients)))
 
 
 def client_level_epsilon(*, noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
@@ -72,7 +89,7 @@ class KeyedServerSideFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         noise_multiplier: sigma, noise std as a multiple of ``clipping_norm`` (on the sum of updates).
         clipping_norm: C, L2 bound of each hospital's update over all its keys.
         num_sampled_clients: hospitals sampled per round (for Flower's checks and its log line).
-        seed: noise seed; round r draws from ``(seed, r)``, so a resumed run adds the same noise.
+        rng: the noise source; None (always, outside tests) = a fresh secret generator every round.
 
     Notes:
         The guarantee is client-level (a whole hospital's contribution), composes over rounds, and
@@ -82,13 +99,13 @@ class KeyedServerSideFixedClipping(DifferentialPrivacyServerSideFixedClipping):
     """
 
     def __init__(self, strategy: KeyedFedAvg, *, noise_multiplier: float, clipping_norm: float,
-                 num_sampled_clients: int, seed: int = 0):
+                 num_sampled_clients: int, rng: np.random.Generator | None = None):
         if strategy.rule != "mean":
             raise ValueError(f"client-level DP needs the mean aggregation rule, not {strategy.rule!r}: the noise is "
                              "calibrated to the sensitivity of an average of clipped updates")
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         self.strategy: KeyedFedAvg = strategy
-        self.seed = seed
+        self._rng = rng
         self.last_norms: dict[str, float] = {}      # hospital -> its update's L2 norm before clipping
         self.last_noise_std: dict[str, float] = {}  # key -> noise std added this round
 
@@ -158,7 +175,7 @@ class KeyedServerSideFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             if site is not None and site.name in report.trained:
                 for k in msg.content.array_records[ARRAYS].keys():
                     holders[k] = holders.get(k, 0) + 1
-        rng = np.random.default_rng([self.seed, server_round, 0xC11D])
+        rng = self._rng if self._rng is not None else secret_numpy_rng()
         noised = {}
         for k in holders:  # keys nobody sent keep their value: no hospital's data touched them
             a = new[k].numpy()

@@ -23,12 +23,11 @@ from flwr.serverapp import Grid
 from medformer.audit import membership_audit
 from medformer.files import write_text_atomic
 from medformer.model import make_config
-from medformer.privacy import default_delta
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.wire import CONFIG, RoundInstructions
 from server.aggregation import ServerOptimizer
 from server.checkpoint import load_latest, save_checkpoint
-from server.client_dp import KeyedServerSideFixedClipping, client_level_epsilon
+from server.client_dp import KeyedServerSideFixedClipping, client_level_epsilon, default_client_delta
 from server.evaluator import DownstreamEvaluator
 from server.report import write_report
 from server.strategy import KeyedFedAvg, RoundFailed, Site
@@ -184,8 +183,7 @@ class Federation:
         # mode 'server' (the scenario refuses 'client' until the ClientApp can clip its own update)
         return KeyedServerSideFixedClipping(strategy, noise_multiplier=cdp.noise_multiplier,
                                             clipping_norm=cdp.clipping_norm,
-                                            num_sampled_clients=len(strategy.sample(1, sites)),
-                                            seed=self.scenario.seed)
+                                            num_sampled_clients=len(strategy.sample(1, sites)))
 
     def client_dp_summary(self, sites: dict[int, Site]) -> dict | None:
         """Client-level epsilon after the rounds completed so far (one sampled Gaussian release each)."""
@@ -193,10 +191,8 @@ class Federation:
         if cdp is None:
             return None
         n = len(sites)
-        st = self.scenario.strategy
-        sampled = min(n, max(math.ceil(st.fraction_train * n), st.min_train_nodes))
-        q = sampled / n
-        delta = cdp.target_delta if cdp.target_delta is not None else default_delta(n)
+        q = 1.0  # no amplification claimed: hospitals are not sampled by secret Poisson sampling (server.client_dp)
+        delta = cdp.target_delta if cdp.target_delta is not None else default_client_delta(n)
         eps = client_level_epsilon(noise_multiplier=cdp.noise_multiplier, sample_rate=q, rounds=self.state.round,
                                    delta=delta)
         return {"epsilon": eps if math.isfinite(eps) else None, "delta": delta,
@@ -335,22 +331,15 @@ class Federation:
         rep = strategy.report
         for name, reason in rep.dropped.items():
             self.state.dropouts.append({"round": rnd, "site": name, "reason": reason})
-        for name, state in rep.privacy.items():
-            if state:
-                self.state.privacy_states[name] = state
+        for name, rec in rep.privacy.items():  # DP-SGD figures, refusals included: a refusal spent nothing new
+            self.state.privacy_states[name] = str(rec["state"])
+            c = self.state.clients.setdefault(name, {})
+            c.update(privacy_figures(rec))
         for name, m in rep.trained.items():
             c = self.state.clients.setdefault(name, {})
             c["rounds_trained"] = c.get("rounds_trained", 0) + 1
             c["bytes_sent_per_round"] = rep.bytes_sent.get(name)
             c["bytes_received_per_round"] = rep.bytes_received.get(name)
-            # DP-SGD: what produced epsilon (``steps`` = every DP step this site has taken so far)
-            for key, field_name in (("epsilon", "epsilon"), ("delta", "delta"),
-                                    ("noise-multiplier", "noise_multiplier"), ("sample-rate", "sample_rate"),
-                                    ("steps-total", "steps"), ("max-grad-norm", "max_grad_norm")):
-                if key in m:
-                    c[field_name] = int(m[key]) if field_name == "steps" else float(m[key])
-            if "accountant" in m:
-                c["accountant"] = {0: "rdp", 1: "prv"}.get(int(m["accountant"]), "rdp")
         line = {"round": rnd, "seconds": round(seconds, 3), "sampled": rep.sampled,
                 "trained": {n: dict(m) for n, m in rep.trained.items()}, "dropped": rep.dropped,
                 "bytes_sent": rep.bytes_sent, "bytes_received": rep.bytes_received}
@@ -377,6 +366,18 @@ class Federation:
         }
         write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+
+def privacy_figures(record: dict) -> dict:
+    """summary.json's privacy fields of a site from its reply's privacy record (the site's own figures:
+    its epsilon at its delta; ``steps`` = every DP step it has taken in this run)."""
+    out = {"epsilon": float(record["epsilon"]), "delta": float(record["delta"]),
+           "noise_multiplier": float(record["noise-multiplier"]), "sample_rate": float(record["sample-rate"]),
+           "steps": int(record["steps"]), "max_grad_norm": float(record["max-grad-norm"]),
+           "accountant": str(record["accountant"])}
+    if record.get("site-policy"):
+        out["site_policy"] = str(record["site-policy"])
+    return out
 
 
 def _truncate_metrics(path: Path, last_round: int) -> None:

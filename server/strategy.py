@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, RoundInstructions
+from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, REFUSAL, RoundInstructions
 from server.aggregation import ServerOptimizer, Update, clip_update, keyed_mean, keyed_median, keyed_trimmed_mean
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class RoundReport:
     sampled: list[str] = field(default_factory=list)
     trained: dict[str, dict] = field(default_factory=dict)     # name -> metrics
     dropped: dict[str, str] = field(default_factory=dict)      # name -> reason
-    privacy: dict[str, str] = field(default_factory=dict)      # name -> accountant state JSON
+    privacy: dict[str, dict] = field(default_factory=dict)     # name -> the reply's privacy record (DP-SGD)
     bytes_sent: dict[str, int] = field(default_factory=dict)   # name -> bytes of arrays sent to it
     bytes_received: dict[str, int] = field(default_factory=dict)
 
@@ -142,12 +142,12 @@ class KeyedFedAvg(FedAvg):
         if msg.has_error():
             return None, f"client error: {msg.error.reason}"
         content = msg.content
+        if REFUSAL in content.config_records:
+            return None, f"refused by the site: {content.config_records[REFUSAL].get('reason', 'no reason given')}"
         if ARRAYS not in content.array_records or METRICS not in content.metric_records:
             return None, "reply lacks 'arrays' or 'metrics'"
         metrics = content.metric_records[METRICS]
         n = metrics.get(NUM_EXAMPLES)
-        if metrics.get("budget-exhausted"):
-            return None, "privacy budget exhausted: did not train"
         if not isinstance(n, (int, float)) or not n > 0 or n > 10 * max(1, site.num_examples):
             return None, f"implausible num-examples {n!r} (site has {site.num_examples})"
         record = content.array_records[ARRAYS]
@@ -179,7 +179,7 @@ class KeyedFedAvg(FedAvg):
                 self.report.dropped[site.name] = "no reply before the round timeout"
                 continue
             if not msg.has_error() and PRIVACY in msg.content.config_records:
-                self.report.privacy[site.name] = str(msg.content.config_records[PRIVACY].get("state", ""))
+                self.report.privacy[site.name] = dict(msg.content.config_records[PRIVACY])
             update, reason = self._check_reply(site, msg)
             if update is None:
                 self.report.dropped[site.name] = reason

@@ -28,6 +28,7 @@ log = logging.getLogger("medfl")
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
+CHAOS_CLIENT_APP = "client.faults:chaos_app"  # only for scenarios that declare faults
 
 
 class UsageError(Exception):
@@ -97,7 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         sim = scenario.simulation
         run_simulation(
-            server_app=load_component(SERVER_APP), client_app=load_component(CLIENT_APP), num_supernodes=n,
+            server_app=load_component(SERVER_APP),
+            client_app=load_component(CHAOS_CLIENT_APP if scenario.faults else CLIENT_APP), num_supernodes=n,
             backend_config={"client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": 0.0},
                             "init_args": {"num_cpus": max(sim.cpus_per_client, os.cpu_count() or 1),
                                           "include_dashboard": False, "log_to_driver": args.verbose}},

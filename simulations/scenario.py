@@ -296,7 +296,8 @@ class ClientDPSpec:
         noise_multiplier: noise std as a multiple of ``clipping_norm``.
         clipping_norm: L2 clipping norm of each client's update.
         mode: clip on the ``server`` (supported) or on each ``client`` (not yet: needs a ClientApp mod).
-        target_delta: delta the client-level epsilon is reported at; null = 1 / (10 x clients).
+        target_delta: delta the client-level epsilon is reported at; null = 1e-5 (1/(100 n) above
+            1,000 hospitals: ``server.client_dp.default_client_delta``).
     """
 
     noise_multiplier: float = _f(ge=0, le=1e4)

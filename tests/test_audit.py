@@ -41,7 +41,8 @@ def _overfit(members: MedMNISTSplit, *, target_epsilon: float | None, steps: int
         plan = plan_dp(num_examples=len(members), batch_size=16, steps_per_round=steps, rounds=1,
                        target_epsilon=target_epsilon)
         ledger = PrivacyLedger(plan)
-    train_local(model, OBJ, members, FLAG, spec, generator=torch.Generator().manual_seed(1), ledger=ledger)
+    train_local(model, OBJ, members, FLAG, spec, generator=torch.Generator().manual_seed(1),
+                secret_generator=torch.Generator().manual_seed(2), ledger=ledger)
     return model
 
 

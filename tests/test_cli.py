@@ -78,7 +78,7 @@ def _medfl(*args, timeout=600):
 
 def _final_arrays(out: Path) -> dict:
     last = sorted((out / "checkpoints").glob("round-*.pt"))[-1]
-    return torch.load(last, weights_only=False)["arrays"]
+    return torch.load(last, weights_only=True)["arrays"]
 
 
 @pytest.mark.slow

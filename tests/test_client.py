@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.hospital import SiteConfigError, identity_from_node_config, local_data, longer_history, round_seed
+from client.hospital import SiteConfigError, identity_from_node_config, local_data
+from client.policy import trusted_history as longer_history
+from medformer.seeding import round_seed
 from medformer.data import write_synthetic_npz
 
 

@@ -49,12 +49,13 @@ def _instructions(site, rnd):
                              mask_ratio=0.75, training={})
 
 
-def _round(sigma: float, clip: float, scale: float, seed: int = 0):
-    """One round where each hospital returns sent + scale * (its own random direction)."""
+def _round(sigma: float, clip: float, scale: float, seed: int | None = 0):
+    """One round where each hospital returns sent + scale * (its own random direction). ``seed``
+    seeds the server's noise (tests only); None = a secret generator, as the federation uses."""
     sites, arrays = _sites()
     inner = KeyedFedAvg(sites=sites, instructions=_instructions)
     dp = KeyedServerSideFixedClipping(inner, noise_multiplier=sigma, clipping_norm=clip, num_sampled_clients=4,
-                                      seed=seed)
+                                      rng=np.random.default_rng(seed) if seed is not None else None)
     msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, arrays, ConfigRecord(), _FakeGrid(sites))}
     rng = np.random.default_rng(1)
     replies, updates = [], {}
@@ -119,9 +120,23 @@ def test_noise_std_is_sigma_c_over_the_number_of_holders():
     assert abs(resid.mean()) < 0.05 * sigma * clip / 4
     lat = noisy[latent].numpy() - clean[latent].numpy()
     assert 0.2 * sigma * clip < lat.std() < 3 * sigma * clip
-    # the same seed and round give the same noise (a resumed run replays it)
-    _, _, _, _, again, _ = _round(sigma=sigma, clip=clip, scale=0.05, seed=3)
-    np.testing.assert_array_equal(again[body[0]].numpy(), noisy[body[0]].numpy())
+
+
+def test_client_level_noise_is_secret_and_cannot_be_subtracted():
+    """The hospitals know the scenario seed (0) and the round (1): generators derived from them do
+    not reproduce the server's noise, and two runs of the same round add different noise."""
+    sigma, clip = 2.0, 0.5
+    _, _, _, _, clean, _ = _round(sigma=0.0, clip=clip, scale=0.05)
+    _, _, _, dp, first, _ = _round(sigma=sigma, clip=clip, scale=0.05, seed=None)
+    _, _, _, _, second, _ = _round(sigma=sigma, clip=clip, scale=0.05, seed=None)
+    body = [k for k in first.keys() if k.startswith("body.")]
+    std = sigma * clip / 4
+    assert not np.array_equal(first[body[0]].numpy(), second[body[0]].numpy())
+    for guess in ([0, 1, 0xC11D], [0, 1], 0, 1):  # what the old code did, and other seeds a hospital knows
+        rng = np.random.default_rng(guess)
+        resid = np.concatenate([(first[k].numpy().astype(np.float64) - clean[k].numpy()
+                                 - rng.normal(0.0, dp.last_noise_std[k], first[k].shape)).ravel() for k in body])
+        assert resid.std() > 1.2 * std  # the guess adds noise instead of removing it (sqrt(2) x std)
 
 
 def test_invalid_reply_is_refused_not_clipped_into_the_average():

@@ -31,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:  # `deploy` is a top-level folder of the chec
     sys.path.insert(0, str(REPO_ROOT))
 
 from deploy.certs import certificate_sans, make_superlink_certs, make_supernode_key  # noqa: E402
+from inprocess import InProcessGrid  # noqa: E402
 from deploy.launch import (  # noqa: E402
     FINAL_STATUSES, FLWR_ENV, Proc, SiteSpec, descendants, free_port, launcher_run_config, parse_site,
     run_config_keys, sites_from_scenario,
@@ -275,34 +276,6 @@ def task_identity():
         yield
 
 
-class _InProcessGrid:
-    """A Grid whose SuperNodes are the real ClientApp called in this process (node id -> node_config)."""
-
-    def __init__(self, node_configs: dict[int, dict]):
-        from flwr.app import Context, RecordDict
-
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config={})
-                         for n, c in node_configs.items()}
-        self.sent = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message
-
-        from client.app import app as client_app
-
-        out = []
-        for m in messages:
-            self.sent.append(m)
-            try:
-                out.append(client_app(m, self.contexts[m.metadata.dst_node_id]))
-            except Exception as ex:  # what flwr-clientapp replies when the ClientApp raises (run_clientapp.py)
-                out.append(Message(Error(code=0, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=m))
-        return out
-
-
 def test_deployment_builds_the_model_for_the_discovered_sites(real_data_dir, tmp_path, task_identity):
     """The scenario lists 2D hospitals only; the connected sites are breast + a 3D site: the model,
     the messages and the evaluation follow the connected sites."""
@@ -317,7 +290,7 @@ def test_deployment_builds_the_model_for_the_discovered_sites(real_data_dir, tmp
     scenario = load_scenario(REPO_ROOT / "simulations" / "configs" / "quickstart.yaml",
                              ["model.preset=tiny", "training.rounds=1", "training.local_steps=1",
                               "training.batch_size=16", "evaluation.linear_probe=false"])
-    grid = _InProcessGrid({7: {"dataset": "breastmnist", "data-dir": str(real_data_dir)},
+    grid = InProcessGrid({7: {"dataset": "breastmnist", "data-dir": str(real_data_dir)},
                            9: {"dataset": "adrenalmnist3d", "data-dir": str(real_data_dir), "name": "ct"},
                            11: {"dataset": "breastmnst", "data-dir": str(real_data_dir)}})  # a typo
     assert not is_simulation(grid)

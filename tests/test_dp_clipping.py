@@ -230,7 +230,8 @@ def test_train_local_ghost_equals_hooks_with_noise_fedprox_and_poisson_sampling(
                               proximal_mu=0.5, dp_clipping=clipping)
         ledger = PrivacyLedger(plan)
         result, _ = train_local(model, objective, data, "breastmnist", spec,
-                                generator=torch.Generator().manual_seed(7), ledger=ledger)
+                                generator=torch.Generator().manual_seed(7),
+                                secret_generator=torch.Generator().manual_seed(8), ledger=ledger)
         out[clipping] = (torch.cat([p.detach().flatten() for p in model.parameters()]), ledger.steps, result)
         assert all(p.requires_grad for p in model.parameters())
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed

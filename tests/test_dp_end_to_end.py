@@ -18,7 +18,7 @@ from client.hospital import SiteIdentity, train_round
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.privacy import plan_dp
-from medformer.wire import ARRAYS, METRICS, PRIVACY, RoundInstructions
+from medformer.wire import ARRAYS, METRICS, PRIVACY, REFUSAL, RoundInstructions
 from server.strategy import KeyedFedAvg, Site
 from simulations.cli import main
 
@@ -64,13 +64,15 @@ def test_exhausted_budget_trains_nothing_and_the_server_records_a_dropout(real_d
     plan = plan_dp(num_examples=546, batch_size=64, steps_per_round=3, rounds=2, target_epsilon=2.0)
     spent = json.dumps({"history": [[plan.noise_multiplier, plan.sample_rate, 6]]})  # both planned rounds done
     received = {k: v.clone() for k, v in model.state_dict().items()}
-    trained, result, ledger, _, _ = train_round(ins, site, received, ledger_state=spent, optimizer_state=None)
-    assert result is None and trained == {}
+    out = train_round(ins, site, received, ledger_state=spent, optimizer_state=None)
+    trained, result, ledger = out.trained, out.result, out.ledger
+    assert result is None and trained == {} and "privacy budget exhausted" in out.refusal
     assert ledger.steps == 6 and ledger.epsilon() <= 2.0  # nothing was spent
     # One round less spent: the hospital trains and lands at (not over) its budget.
     half = json.dumps({"history": [[plan.noise_multiplier, plan.sample_rate, 3]]})
     ins.round = 2
-    trained, result, ledger, _, _ = train_round(ins, site, received, ledger_state=half, optimizer_state=None)
+    out = train_round(ins, site, received, ledger_state=half, optimizer_state=None)
+    trained, result, ledger = out.trained, out.result, out.ledger
     assert result is not None and ledger.steps == 6 and 1.9 < result.epsilon <= 2.0
 
     # The server drops the refusal as a dropout with the reason, and keeps the accountant state.
@@ -86,13 +88,13 @@ def test_exhausted_budget_trains_nothing_and_the_server_records_a_dropout(real_d
     strategy = KeyedFedAvg(sites=sites, instructions=lambda s, r: ins)
     msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(3, arrays, ConfigRecord(), Grid())}
     refusal = Message(content=RecordDict({ARRAYS: ArrayRecord(), PRIVACY: ConfigRecord({"state": spent}),
-                                          METRICS: MetricRecord({"num-examples": 0, "budget-exhausted": 1,
-                                                                 "epsilon": ledger.epsilon()})}), reply_to=msgs[7])
+                                          REFUSAL: ConfigRecord({"reason": "privacy budget exhausted: ..."}),
+                                          METRICS: MetricRecord({"num-examples": 0})}), reply_to=msgs[7])
     fine = Message(content=RecordDict({ARRAYS: msgs[8].content[ARRAYS],
                                        METRICS: MetricRecord({"num-examples": 546})}), reply_to=msgs[8])
     strategy.aggregate_train(3, [refusal, fine])
     assert "privacy budget exhausted" in strategy.report.dropped["breast"]
-    assert strategy.report.privacy["breast"] == spent
+    assert strategy.report.privacy["breast"]["state"] == spent
     assert set(strategy.report.trained) == {"breast-b"}
 
 
@@ -126,10 +128,10 @@ def test_reported_epsilon_equals_opacus_recomputation_and_budget_stops_extra_rou
     for name in ("breast", "pneumonia"):
         assert 7.9 <= summary["clients"][name]["epsilon"] <= 8.0  # calibrated to the budget, never over it
     cdp = summary["client_dp"]
-    assert cdp["rounds"] == 2 and cdp["sample_rate"] == 1.0 and cdp["delta"] == pytest.approx(1 / 30)
-    assert cdp["epsilon"] == pytest.approx(independent_epsilon(1.5, 1.0, 2, 1 / 30), rel=0.01)
+    assert cdp["rounds"] == 2 and cdp["sample_rate"] == 1.0 and cdp["delta"] == pytest.approx(1e-5)
+    assert cdp["epsilon"] == pytest.approx(independent_epsilon(1.5, 1.0, 2, 1e-5), rel=0.01)
     # the server's checkpointed accountant state holds the same history
-    ckpt = torch.load(out / "checkpoints" / "round-0002.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "round-0002.pt", weights_only=True)
     history = json.loads(ckpt["state"]["privacy_states"]["breast"])["history"]
     assert sum(h[2] for h in history) == 10
 
@@ -148,5 +150,5 @@ def test_reported_epsilon_equals_opacus_recomputation_and_budget_stops_extra_rou
         assert c["steps"] == 10 and c["epsilon"] <= 8.0 and c["rounds_trained"] == 2
     assert summary["clients"]["retina"]["steps"] == 15 and summary["clients"]["retina"]["rounds_trained"] == 3
     assert summary["client_dp"]["rounds"] == 3
-    assert summary["client_dp"]["epsilon"] == pytest.approx(independent_epsilon(1.5, 1.0, 3, 1 / 30), rel=0.01)
+    assert summary["client_dp"]["epsilon"] == pytest.approx(independent_epsilon(1.5, 1.0, 3, 1e-5), rel=0.01)
     assert "privacy budget exhausted" in proc.stderr

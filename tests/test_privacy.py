@@ -183,7 +183,7 @@ def test_empty_poisson_batches_take_a_noise_only_step(data, monkeypatch, clippin
     plan = plan_dp(num_examples=len(data), batch_size=1, steps_per_round=20, rounds=1, noise_multiplier=1.0)
     ledger = PrivacyLedger(plan)
     result, _ = train_local(model, objective, data, FLAG, spec, generator=torch.Generator().manual_seed(0),
-                            ledger=ledger)
+                            secret_generator=torch.Generator().manual_seed(0), ledger=ledger)
     assert any(a > 0 and b == 0 for a, b in zip(sizes, sizes[1:])), sizes
     assert ledger.steps == 20 and math.isfinite(result.epsilon)
     assert torch.isfinite(_weights(model)).all()
@@ -267,25 +267,35 @@ def test_dp_step_adds_gaussian_noise_at_the_planned_scale(data, clipping: str) -
 # train_local under DP
 # --------------------------------------------------------------------------------------------------
 def _train(data, objective, *, seed: int, ledger_plan=None, max_physical_batch: int = 512,
-           steps: int = 2, batch_size: int = 32, clipping: str = "ghost"):
+           steps: int = 2, batch_size: int = 32, clipping: str = "ghost", secret_seed: int | None = 0):
+    """``secret_seed`` seeds the DP noise and Poisson sampling (tests only); None = a secret one, as sites do."""
     model = _model(objective)
     spec = LocalTrainSpec(batch_size=batch_size, local_steps=steps, lr=0.1, optimizer="sgd", weight_decay=0.0,
                           max_physical_batch=max_physical_batch, dp_clipping=clipping)
     ledger = PrivacyLedger(ledger_plan) if ledger_plan is not None else None
+    secret = torch.Generator().manual_seed(secret_seed) if secret_seed is not None else None
     result, _ = train_local(model, objective, data, FLAG, spec, generator=torch.Generator().manual_seed(seed),
-                            ledger=ledger)
+                            secret_generator=secret, ledger=ledger)
     return _weights(model), result, ledger
 
 
-def test_dp_noise_depends_on_the_generator(data) -> None:
+def test_dp_noise_and_sampling_are_secret_but_the_rest_is_seeded(data) -> None:
+    """Same seeded generator, no secret one given: each run draws its own noise and batches from
+    os.urandom, so nobody holding the seed can replay the release. Without DP the seed fixes everything."""
     objective = PretextObjective({"mae": 1.0})
     plan = plan_dp(num_examples=len(data), batch_size=32, steps_per_round=2, rounds=1, noise_multiplier=1.0)
-    w1, r1, _ = _train(data, objective, seed=1, ledger_plan=plan)
-    w2, _, _ = _train(data, objective, seed=2, ledger_plan=plan)
-    w1_again, _, _ = _train(data, objective, seed=1, ledger_plan=plan)
-    assert torch.equal(w1, w1_again)  # reproducible from the hospital's generator
-    assert not torch.allclose(w1, w2)
+    w1, r1, _ = _train(data, objective, seed=1, ledger_plan=plan, secret_seed=None)
+    w1_again, _, _ = _train(data, objective, seed=1, ledger_plan=plan, secret_seed=None)
+    assert not torch.allclose(w1, w1_again)
     assert r1.epsilon is not None and r1.epsilon > 0
+    # A given secret generator is the only way to reproduce a DP run (tests)...
+    a, _, _ = _train(data, objective, seed=1, ledger_plan=plan, secret_seed=5)
+    b, _, _ = _train(data, objective, seed=1, ledger_plan=plan, secret_seed=5)
+    assert torch.equal(a, b)
+    # ...and without DP the hospital's seeded generator fixes the run.
+    p1, _, _ = _train(data, objective, seed=1, secret_seed=None)
+    p2, _, _ = _train(data, objective, seed=1, secret_seed=None)
+    assert torch.equal(p1, p2)
 
 
 @pytest.mark.parametrize("mode", ["plain", "ghost", "hooks"])
