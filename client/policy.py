@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from medformer.privacy import DPPlan, epsilon_of, plan_dp
+from medformer.privacy import DPPlan, epsilon_of, history_steps, plan_dp
 
 POLICY_KEYS = ("max-epsilon", "delta", "max-grad-norm", "require-dp", "state-dir")
 
@@ -166,17 +166,12 @@ class LedgerStore:
             raise
 
 
-def steps_of(history_json: str | None) -> int:
-    """DP steps in an accountant state ``{"history": [...]}`` (JSON); -1 for none."""
-    return sum(int(h[2]) for h in json.loads(history_json)["history"]) if history_json else -1
-
-
 def trusted_history(*candidates: str | None) -> str | None:
     """Of several copies of one run's history (the site's disk, its memory, the server's copy), the
     longest: copies only differ by steps one of them has not seen, so the longest is never an
     under-count. The site's own copies are always among the candidates."""
     best = None
     for c in candidates:
-        if c is not None and steps_of(c) > steps_of(best):
+        if c is not None and history_steps(c) > history_steps(best):
             best = c
     return best

@@ -24,7 +24,8 @@ from medformer.audit import membership_audit
 from medformer.files import write_text_atomic
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.wire import CONFIG, RoundInstructions
+from medformer.privacy import history_steps
+from medformer.wire import CONFIG, PRIVACY, RoundInstructions
 from server.aggregation import ServerOptimizer
 from server.checkpoint import load_latest, save_checkpoint
 from server.client_dp import KeyedServerSideFixedClipping, client_level_epsilon, default_client_delta
@@ -99,6 +100,7 @@ class Federation:
         self.state = RunState()
         self._clients = {c.name: c for c in sc.clients()}
         self.client_dp: dict | None = None
+        self.outstanding: dict[str, str] = {}  # message id -> site: train messages not answered in time
 
     # ---- discovery ------------------------------------------------------------------------------
     def discover(self, grid: Grid) -> dict[int, Site]:
@@ -295,8 +297,10 @@ class Federation:
         record = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         for rnd in range(self.state.round + 1, rounds + 1):
             t0 = time.monotonic()
-            messages = strategy.configure_train(rnd, record, ConfigRecord(), grid)
-            replies = list(grid.send_and_receive(messages, timeout=sc.strategy.round_timeout))
+            messages = list(strategy.configure_train(rnd, record, ConfigRecord(), grid))
+            replies = self.exchange(grid, messages, timeout=sc.strategy.round_timeout,
+                                    names={m.metadata.dst_node_id: sites[m.metadata.dst_node_id].name
+                                           for m in messages})
             try:
                 new_record, agg = strategy.aggregate_train(rnd, replies)
             except RoundFailed as e:
@@ -319,6 +323,7 @@ class Federation:
             bar.update(1)
             bar.write(_round_line(rnd, rounds, agg, downstream, strategy.report.dropped))
         bar.close()
+        self.collect_late(grid, grace=min(30.0, sc.strategy.round_timeout))
         if ev.audit:
             self.audit(sites, record, evaluator)
             self.state.wall_seconds = time.monotonic() - started
@@ -326,6 +331,57 @@ class Federation:
         summary = self.summary(arrays_bytes=sum(v.numpy().nbytes for v in record.values()))
         write_report(self.out, summary, _read_metrics(self.out / "metrics.jsonl"))
         return summary
+
+    # ---- messages -----------------------------------------------------------------------------
+    def exchange(self, grid: Grid, messages: list[Message], *, timeout: float, names: dict[int, str]) -> list[Message]:
+        """Push a round's messages and pull replies until all are in or ``timeout`` passes.
+
+        Messages still unanswered stay outstanding: a site that replies late has still spent privacy
+        budget, so later pulls (every round, and once after the last) record the privacy figures of
+        late replies, though their weights are never averaged into a later round.
+        """
+        ids = {str(i) for i in grid.push_messages(messages)}
+        by_id = {m.metadata.message_id: names[m.metadata.dst_node_id] for m in messages}
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            for m in grid.pull_messages(ids | set(self.outstanding)):
+                rid = m.metadata.reply_to_message_id
+                if rid in ids:
+                    replies.append(m)
+                    ids.discard(rid)
+                elif rid in self.outstanding:
+                    self._note_late(self.outstanding.pop(rid), m)
+            if not ids or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        self.outstanding.update({i: by_id[i] for i in ids})
+        return replies
+
+    def collect_late(self, grid: Grid, *, grace: float) -> None:
+        """After the last round: wait up to ``grace`` seconds for outstanding replies' privacy figures."""
+        deadline = time.monotonic() + grace
+        while self.outstanding:
+            for m in grid.pull_messages(set(self.outstanding)):
+                if m.metadata.reply_to_message_id in self.outstanding:
+                    self._note_late(self.outstanding.pop(m.metadata.reply_to_message_id), m)
+            if not self.outstanding or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        for name in sorted(set(self.outstanding.values())):
+            log.warning("%s never answered a train message: whatever privacy it spent on it is in its own "
+                        "ledger, not in this summary", name)
+
+    def _note_late(self, name: str, msg: Message) -> None:
+        if msg.has_error() or PRIVACY not in msg.content.config_records:
+            return
+        record = dict(msg.content.config_records[PRIVACY])
+        previous = self.state.privacy_states.get(name)
+        if history_steps(str(record["state"])) >= history_steps(previous):
+            self.state.privacy_states[name] = str(record["state"])
+            self.state.clients.setdefault(name, {}).update(privacy_figures(record))
+            log.info("late reply from %s: its privacy spend (%d steps, epsilon %.3g) is recorded; its weights are "
+                     "not used", name, int(record["steps"]), float(record["epsilon"]))
 
     def _note_round(self, rnd: int, strategy: KeyedFedAvg, downstream: dict | None, seconds: float) -> None:
         rep = strategy.report

@@ -44,8 +44,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     if tasks:
         axes[0][0].legend(fontsize=7)
     else:  # DP-SGD sites report no loss (it is an unnoised function of their data)
-        axes[0][0].text(0.5, 0.5, "no pretext losses reported
-(sites under DP-SGD send none)", ha="center",
+        axes[0][0].text(0.5, 0.5, "no pretext losses reported\n(sites under DP-SGD send none)", ha="center",
                         va="center", transform=axes[0][0].transAxes)
         axes[0][0].set_axis_off()
     fig.tight_layout()

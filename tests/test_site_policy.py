@@ -170,9 +170,9 @@ BREAST = {"dataset": "breastmnist", "name": "breast"}
 RETINA_AT_8 = {"dataset": "retinamnist", "name": "retina", "max-epsilon": 8.0}
 
 
-def _federation(tmp_path, real_data_dir, name: str, sets: list[str], nodes: dict[int, dict]):
+def _federation(tmp_path, real_data_dir, name: str, sets: list[str], nodes: dict[int, dict], **grid_kw):
     scenario = load_scenario(QUICKSTART, [*FAST, *sets])
-    grid = InProcessGrid({n: {**c, "data-dir": str(real_data_dir)} for n, c in nodes.items()})
+    grid = InProcessGrid({n: {**c, "data-dir": str(real_data_dir)} for n, c in nodes.items()}, **grid_kw)
     settings = RunSettings(scenario=scenario, out_dir=tmp_path / name, data_dir=str(real_data_dir),
                            expected_nodes=len(nodes), progress=False)
     summary = Federation(settings).run(grid)
@@ -198,6 +198,18 @@ def test_dp_runs_with_one_seed_differ_and_non_dp_runs_are_identical(real_data_di
     _, v1 = _federation(tmp_path, real_data_dir, "plain-1", [], {7: BREAST})
     _, v2 = _federation(tmp_path, real_data_dir, "plain-2", [], {7: BREAST})
     assert all(np.array_equal(v1[k], v2[k]) for k in v1)
+
+
+def test_a_late_replys_privacy_spend_is_recorded(real_data_dir, tmp_path):
+    """Retina answers after every round's timeout: it is dropped each round, but what it spent is in the
+    summary (pulled by message id later), and its late weights are never averaged."""
+    sets = ["privacy={noise_multiplier: 1.0}", "strategy.round_timeout=2", "strategy.min_train_nodes=1"]
+    summary, _ = _federation(tmp_path, real_data_dir, "late", sets, {7: BREAST, 8: RETINA_AT_8}, late={8: 3.5})
+    retina = summary["clients"]["retina"]
+    assert retina.get("rounds_trained", 0) == 0
+    assert [d["round"] for d in summary["dropouts"] if d["site"] == "retina"] == [1, 2]
+    assert retina["steps"] == 2 * 3 and 0 < retina["epsilon"] <= 8.0  # both rounds' spend, the last one too
+    assert summary["clients"]["breast"]["steps"] == 2 * 3
 
 
 def test_ledger_store_round_trip_and_damage(tmp_path):
