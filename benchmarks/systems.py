@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import multiprocessing as mp
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import (REPO, RESULTS, command_line, fmt_bytes, fmt_seconds, header_lines, load_average,
-                               machine_info, matmul_peak_gflops, md_table, now, read_json, write_result)
+                               machine_info, md_table, now, read_json, write_result)
+from tools.processes import process_tree, stop_tree
 
 log = logging.getLogger("benchmarks.systems")
 
@@ -164,7 +165,7 @@ def keyed_bytes(preset: str, datasets: Sequence[str], pretext: dict[str, float],
 
 
 def part_comm(overhead: dict[str, Any] | None) -> dict[str, Any]:
-    from simulations.scenario import load_scenario
+    from config import load_scenario
 
     sc = load_scenario(CONFIGS / "five-hospitals.yaml")
     names = {h.dataset: h.name for h in sc.hospitals}
@@ -204,36 +205,6 @@ def _read(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, session id) of every process we can read."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        stat = _read(f"/proc/{entry}/stat")
-        if not stat:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), int(fields[3]))
-    return table
-
-
-def process_tree(root: int) -> set[int]:
-    """``root``, its descendants, and every process in its session (Ray daemons that re-parented)."""
-    table = _proc_table()
-    tree, frontier = {root}, [root]
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    while frontier:
-        for c in children.get(frontier.pop(), []):
-            if c not in tree:
-                tree.add(c)
-                frontier.append(c)
-    tree |= {pid for pid, (_, sid) in table.items() if sid == root}
-    return {p for p in tree if p in table}
 
 
 def _memory_kib(pid: int) -> tuple[int, int]:
@@ -286,22 +257,6 @@ class TreeSampler(threading.Thread):
         self.join(timeout=10)
 
 
-def _stop_tree(root: int) -> list[int]:
-    """SIGTERM, then SIGKILL, every process left in ``root``'s tree or session; returns their pids."""
-    left = sorted(process_tree(root) - {os.getpid()})
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in left):
-            time.sleep(0.2)
-        left = [p for p in left if os.path.exists(f"/proc/{p}") and (_read(f"/proc/{p}/stat") or "").find(") Z") < 0]
-        if not left:
-            break
-    return left
-
-
 def run_medfl(config: Path, sets: Sequence[str], data_dir: str, out_dir: Path, *, timeout: float,
               sample_memory: bool = False) -> dict[str, Any]:
     """``medfl run`` in its own session; returns exit code, wall time, per-round metrics and memory peaks."""
@@ -327,7 +282,7 @@ def run_medfl(config: Path, sets: Sequence[str], data_dir: str, out_dir: Path, *
             wall = time.perf_counter() - t0
             if sampler:
                 sampler.stop()
-            leftovers = _stop_tree(proc.pid)
+            leftovers = stop_tree(proc.pid, timeout=10)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -363,32 +318,21 @@ _WORKER: dict[str, Any] = {}
 def _worker_init(data_dir: str, threads: int) -> None:
     torch.set_num_threads(threads)
     _WORKER["data_dir"] = data_dir
-    _WORKER["splits"] = {}
 
 
-def _bare_train(task: tuple) -> tuple[str, dict[str, np.ndarray], int, float, float]:
-    """One hospital's round, as client.hospital.train_round does it, minus Flower: returns its keys."""
-    from client.hospital import round_seed
-    from medformer.data import load_split
-    from medformer.model import make_config
-    from medformer.pretext import PretextObjective, build_pretext_model
-    from medformer.training import LocalTrainSpec, train_local
+def _bare_train(task: tuple[str, dict[str, np.ndarray]]) -> tuple[str, dict[str, np.ndarray], int, float, float]:
+    """One site's round as its ClientApp runs it (``client.round.train_round``), minus Flower."""
+    from client.round import train_round
+    from protocol import RoundInstructions
 
-    name, dataset, arrays, rnd, seed, preset, pretext, mask_ratio, spec_kw = task
+    text, arrays = task
     t0 = time.perf_counter()
-    splits = _WORKER.setdefault("splits", {})
-    if dataset not in splits:
-        splits[dataset] = load_split(dataset, "train", data_dir=_WORKER["data_dir"])
-    cfg = make_config(preset)
-    objective = PretextObjective(pretext, mask_ratio=mask_ratio)
-    model = build_pretext_model(cfg, [(dataset, 28)], objective)
-    model.load_state_dict({k: torch.from_numpy(arrays[k]) for k in model.state_dict()}, strict=True)
-    rs = round_seed(seed, name, rnd)
-    generator = torch.Generator().manual_seed(rs)
-    torch.manual_seed(rs ^ 1)
-    result, _ = train_local(model, objective, splits[dataset], dataset, LocalTrainSpec(**spec_kw), generator=generator)
-    out = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    return name, out, result.num_examples, time.perf_counter() - t0, result.seconds
+    ins = RoundInstructions.from_json(text)
+    site = dataclasses.replace(ins.site, data_dir=_WORKER["data_dir"])
+    out = train_round(ins, site, {k: torch.from_numpy(v) for k, v in arrays.items()}, ledger_state=None,
+                      optimizer_state=None)
+    trained = {k: v.detach().numpy().copy() for k, v in out.trained.items()}
+    return site.name, trained, out.result.num_examples, time.perf_counter() - t0, out.result.seconds
 
 
 def bare_rounds(scenario, data_dir: str, *, rounds: int, workers: int, threads: int) -> dict[str, Any]:
@@ -396,7 +340,9 @@ def bare_rounds(scenario, data_dir: str, *, rounds: int, workers: int, threads: 
     process with ``threads`` torch threads; otherwise a pool of ``workers`` processes, ``threads`` each."""
     from medformer.model import make_config
     from medformer.pretext import PretextObjective, build_pretext_model
-    from server.aggregation import ServerOptimizer, Update, keyed_mean
+    from server.aggregation import Update
+    from server.instructions import Instructor
+    from server.strategy import make_aggregator
 
     sc = scenario
     cfg = make_config(sc.model.preset, **sc.model.overrides)
@@ -405,10 +351,8 @@ def bare_rounds(scenario, data_dir: str, *, rounds: int, workers: int, threads: 
     glob = {k: v.detach().numpy().copy()
             for k, v in build_pretext_model(cfg, sc.datasets(), objective).state_dict().items()}
     keys = {h.name: list(build_pretext_model(cfg, [(h.dataset, h.size)], objective).state_dict()) for h in sc.hospitals}
-    t = sc.training
-    spec_kw = dict(batch_size=t.batch_size, local_epochs=t.local_epochs, local_steps=t.local_steps, lr=t.lr,
-                   weight_decay=t.weight_decay, optimizer=t.optimizer)
-    server = ServerOptimizer("fedavg")
+    instructor = Instructor(sc, data_dir=data_dir, privacy_states={})
+    aggregator = make_aggregator(sc)  # the strategy's aggregation
     pool = None
     old_threads = torch.get_num_threads()
     load_before = load_average()
@@ -419,12 +363,12 @@ def bare_rounds(scenario, data_dir: str, *, rounds: int, workers: int, threads: 
     per_round = []
     try:
         for rnd in range(1, rounds + 1):
-            tasks = [(h.name, h.dataset, {k: glob[k] for k in keys[h.name]}, rnd, sc.seed, sc.model.preset,
-                      dict(sc.pretext), sc.mask_ratio, spec_kw) for h in sc.hospitals]
+            tasks = [(dataclasses.replace(instructor(site, rnd), threads=threads).to_json(),
+                      {k: glob[k] for k in keys[site.name]}) for site in sc.clients()]
             t0 = time.perf_counter()
             replies = pool.map(_bare_train, tasks, chunksize=1) if pool else [_bare_train(x) for x in tasks]
-            updates = sorted((Update(n, a, k) for n, a, k, _, _ in replies), key=lambda u: u.name)
-            glob = server.apply(glob, keyed_mean(updates))
+            updates = [Update(n, a, k) for n, a, k, _, _ in replies]
+            glob = aggregator.combine(glob, {n: {k: glob[k] for k in keys[n]} for n, _, _, _, _ in replies}, updates)
             per_round.append({"round": rnd, "seconds": time.perf_counter() - t0,
                               "hospital_seconds": {n: s for n, _, _, s, _ in replies},
                               "train_seconds": {n: ts for n, _, _, _, ts in replies}})
@@ -485,7 +429,7 @@ def part_overhead(data_dir: str, work: Path, *, rounds: int, local_steps: int, p
     remains is the cost of everything around local training (messages, serialisation, scheduling, model
     building, aggregation).
     """
-    from simulations.scenario import load_scenario
+    from config import load_scenario
 
     sets = [f"model.preset={preset}", f"training.rounds={rounds}", f"training.local_steps={local_steps}",
             "evaluation.linear_probe=false"]

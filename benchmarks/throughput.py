@@ -45,7 +45,9 @@ from benchmarks.common import (
 from medformer.data import get_info, load_split
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.training import DP_CLIPPING, LocalTrainSpec, chunk_backward, make_dp_sgd, make_optimizer
+from medformer.dp.clipping import DP_CLIPPING
+from medformer.dp.optimizer import make_dp_sgd
+from medformer.train import TrainingSpec, chunk_backward, make_optimizer
 
 TARGET_2D_MAE_IPS = 1000.0
 TARGET_DP_SLOWDOWN = 2.0
@@ -116,7 +118,7 @@ class StepRunner:
         self.model = build_pretext_model(make_config("default"), [(flag, size)], self.objective)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(params, LocalTrainSpec(optimizer="adamw", lr=1e-3))
+        self.optimizer = make_optimizer(params, TrainingSpec(optimizer="adamw", lr=1e-3))
         self.gen = torch.Generator().manual_seed(seed)
         self.clipper = None
         # DP-SGD chunks (train_local's physical batch): clipped sums, one noisy step per batch.
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"),
                         help="JSON output; the Markdown report goes next to it (.md)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the machines' cores)")
-    parser.add_argument("--dp-clipping", choices=DP_CLIPPING, default=LocalTrainSpec.dp_clipping,
+    parser.add_argument("--dp-clipping", choices=DP_CLIPPING, default=TrainingSpec().dp_clipping,
                         help="DP-SGD per-sample clipping: ghost (train_local's default) or hooks (Opacus "
                              "GradSampleModule, the former path)")
     parser.add_argument("--max-physical-batch", type=int, default=None,
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                              "train_local's, whole batches with ghost, chunks of 64 with hooks)")
     args = parser.parse_args(argv)
     if args.max_physical_batch is None:
-        args.max_physical_batch = LocalTrainSpec(dp_clipping=args.dp_clipping).physical_batch(dp=True)
+        args.max_physical_batch = TrainingSpec(dp_clipping=args.dp_clipping).physical_batch(dp=True)
 
     torch.set_num_threads(args.threads)
     # Real scans are mostly exact background; their gradients underflow to denormals (x86: ~4x slower).

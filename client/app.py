@@ -10,6 +10,7 @@ This ``app`` is what a deployed SuperNode runs: it has no fault-injection mod (t
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -18,10 +19,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.hospital import (SiteConfigError, identity_from_instructions, identity_from_node_config, local_data,
-                             train_round)
 from client.policy import LedgerStore, PolicyError, SitePolicy, trusted_history
-from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, REFUSAL, RoundInstructions
+from client.round import RoundOutcome, train_round
+from client.site import SiteConfigError, local_data, site_for_round, site_from_node_config
+from protocol import (ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, REASON, REFUSAL, ROSTER, SITE,
+                      STEPS, RoundInstructions)
 
 log = logging.getLogger("medfl.client")
 
@@ -41,18 +43,19 @@ def site_policy(context: Context) -> SitePolicy:
 
 def query(msg: Message, context: Context) -> Message:
     """Report this site's identity and size."""
-    roster = json.loads(str(msg.content[CONFIG]["roster"]))
-    site = identity_from_node_config(dict(context.node_config), roster=roster)
+    roster = json.loads(str(msg.content[CONFIG][ROSTER]))
+    site = site_from_node_config(dict(context.node_config), roster=roster)
     site_policy(context)  # a malformed policy is reported at discovery, before any round
     n = len(local_data(site, int(roster.get("seed", 0))))
-    info = ConfigRecord({"client": json.dumps(site.client_fields()), "num-examples": n})
-    return Message(content=RecordDict({"site": info}), reply_to=msg)
+    public = dataclasses.replace(site, data_dir=None)  # the server learns who the site is, not its paths
+    info = ConfigRecord({SITE: json.dumps(dataclasses.asdict(public)), NUM_EXAMPLES: n})
+    return Message(content=RecordDict({SITE: info}), reply_to=msg)
 
 
 def train(msg: Message, context: Context) -> Message:
     """Train this hospital's keys for one round."""
     ins = RoundInstructions.from_json(str(msg.content[CONFIG][INSTRUCTIONS]))
-    site = identity_from_instructions(ins, dict(context.node_config))
+    site = site_for_round(ins, dict(context.node_config))
     policy = site_policy(context)
     store = LedgerStore(policy.state_dir, site.name) if policy.state_dir is not None else None
     received = msg.content[ARRAYS].to_torch_state_dict()
@@ -73,14 +76,14 @@ def train(msg: Message, context: Context) -> Message:
         log.warning("%s refuses round %d: %s", site.name, ins.round, out.refusal)
         content[ARRAYS] = ArrayRecord()
         content[METRICS] = MetricRecord({NUM_EXAMPLES: 0})
-        content[REFUSAL] = ConfigRecord({"reason": out.refusal})
+        content[REFUSAL] = ConfigRecord({REASON: out.refusal})
         return Message(content=content, reply_to=msg)
-    if ins.training.get("keep_optimizer_state"):
+    if ins.training.keep_optimizer_state:
         buf = io.BytesIO()
         torch.save(out.optimizer_state, buf)
         state[_OPTIMIZER] = ConfigRecord({"bytes": buf.getvalue()})
     result = out.result
-    metrics = {NUM_EXAMPLES: result.num_examples, "steps": result.steps}
+    metrics = {NUM_EXAMPLES: result.num_examples, STEPS: result.steps}
     if out.ledger is None:  # without DP, losses and throughput are the round's public diagnostics
         metrics.update({"loss": result.loss, "images-per-second": result.images_per_second,
                         "seconds": result.seconds})
@@ -92,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def privacy_record(out) -> ConfigRecord:
+def privacy_record(out: RoundOutcome) -> ConfigRecord:
     """The privacy figures of a DP round, all public: the history (noise, rate, steps) and the
     epsilon it gives at the site's delta, plus where the site's policy overrode the request."""
     plan, ledger = out.plan, out.ledger

@@ -1,7 +1,7 @@
 """Fault injection for chaos tests: a ClientApp mod that makes a named hospital misbehave.
 
 A scenario may declare ``faults`` (a testing aid; production scenarios declare none). The server
-puts a hospital's fault for the round into its instructions (``extra["fault"]``), and this mod acts
+puts a hospital's fault for the round into its instructions (``fault``), and this mod acts
 on it around the real train handler. Only :data:`chaos_app` carries the mod, and only ``medfl run``
 uses it, for a scenario that declares faults; the deployed ``client.app:app`` has no mod and ignores
 such orders, so a server can never make a real site hang, fail or scale its update.
@@ -23,9 +23,11 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.app import query, train
-from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, RoundInstructions
+from config import FAULT_KINDS
+from protocol import ARRAYS, CONFIG, INSTRUCTIONS, RoundInstructions
 
-KINDS = ("raise", "hang", "scale", "sign-flip", "nan", "extra-key")
+#: The faults this mod implements: every kind a scenario may declare (config.FAULT_KINDS).
+KINDS = FAULT_KINDS
 
 
 class InjectedFault(RuntimeError):
@@ -54,19 +56,18 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
     if msg.metadata.message_type != MessageType.TRAIN or CONFIG not in msg.content.config_records:
         return call_next(msg, context)
     ins = RoundInstructions.from_json(str(msg.content[CONFIG][INSTRUCTIONS]))
-    fault = ins.extra.get("fault")
-    if not fault:
+    fault = ins.fault
+    if fault is None:
         return call_next(msg, context)
-    kind = fault["kind"]
-    if kind == "raise":
-        raise InjectedFault(f"injected fault: {ins.hospital['name']} fails in round {ins.round}")
-    if kind == "hang":
-        time.sleep(float(fault.get("seconds", 60)))
+    if fault.kind == "raise":
+        raise InjectedFault(f"injected fault: {ins.site.name} fails in round {ins.round}")
+    if fault.kind == "hang":
+        time.sleep(fault.seconds)
         return call_next(msg, context)
     reply = call_next(msg, context)
     if reply.has_error() or ARRAYS not in reply.content.array_records:
         return reply
-    reply.content[ARRAYS] = _poison(msg.content[ARRAYS], reply.content[ARRAYS], kind, float(fault.get("factor", 10.0)))
+    reply.content[ARRAYS] = _poison(msg.content[ARRAYS], reply.content[ARRAYS], fault.kind, fault.factor)
     return reply
 
 

@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from medformer.privacy import DPPlan, epsilon_of, history_steps, plan_dp
+from medformer.dp.accounting import DPPlan, epsilon_of, history_steps, plan_dp
 
 POLICY_KEYS = ("max-epsilon", "delta", "max-grad-norm", "require-dp", "state-dir")
 

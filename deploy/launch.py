@@ -95,7 +95,7 @@ def parse_site(text: str) -> SiteSpec:
 
 def sites_from_scenario(path: str | os.PathLike) -> list[SiteSpec]:
     """The hospitals of a scenario file, one site each (partitioned hospitals are not sites)."""
-    from simulations.scenario import load_scenario
+    from config import load_scenario
 
     scenario = load_scenario(Path(path))
     partitioned = [h.name for h in scenario.hospitals if h.partition is not None]

@@ -49,17 +49,13 @@ class ReplyReport:
 
 
 def _instructions(site, *, preset: str, local_steps: int, batch_size: int):
-    from medformer.wire import RoundInstructions
+    from config import ModelSpec, Site, TrainingSpec
+    from protocol import RoundInstructions
 
     return RoundInstructions(
-        round=1, rounds=1, seed=0,
-        hospital={"name": site.name, "dataset": site.dataset, "size": site.size, "partition_index": None,
-                  "partition_parts": None, "partition_method": None, "partition_alpha": None},
-        model={"preset": preset, "overrides": {}}, pretext={"mae": 1.0, "rotation": 0.5}, mask_ratio=0.75,
-        training={"rounds": 1, "local_epochs": 1.0, "local_steps": local_steps, "batch_size": batch_size,
-                  "lr": 1e-3, "weight_decay": 0.05, "optimizer": "adamw", "keep_optimizer_state": False,
-                  "proximal_mu": 0.0, "threads": 1},
-        privacy=None, data_dir=None,
+        round=1, seed=0, site=Site(site.name, site.dataset, site.size), model=ModelSpec(preset=preset),
+        pretext={"mae": 1.0, "rotation": 0.5}, mask_ratio=0.75,
+        training=TrainingSpec(rounds=1, local_steps=local_steps, batch_size=batch_size, lr=1e-3, weight_decay=0.05),
     )
 
 
@@ -83,10 +79,10 @@ def inspect_sites(sites, *, data_dir: str | os.PathLike, preset: str = "default"
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
     from client.app import app as client_app
-    from client.hospital import identity_from_node_config, local_data
+    from client.site import local_data, site_from_node_config
     from medformer.model import make_config
     from medformer.pretext import PretextObjective, build_pretext_model
-    from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS
+    from protocol import ARRAYS, CONFIG, INSTRUCTIONS
 
     cfg = make_config(preset)
     objective = PretextObjective({"mae": 1.0, "rotation": 0.5}, mask_ratio=0.75)
@@ -125,7 +121,7 @@ def inspect_sites(sites, *, data_dir: str | os.PathLike, preset: str = "default"
             report.metrics.update({(k if name == "metrics" else f"{name}/{k}"): v for k, v in rec.items()})
         for name, rec in content.config_records.items():
             report.configs[name] = dict(rec)
-        images = local_data(identity_from_node_config(node_config), 0).images
+        images = local_data(site_from_node_config(node_config), 0).images
         report.train_images_bytes = int(np.asarray(images).nbytes)
         report.train_images_shape = list(np.asarray(images).shape)
         report.train_images_dtype = str(np.asarray(images).dtype)

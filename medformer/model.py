@@ -100,7 +100,8 @@ def make_config(preset: str = "default", **overrides) -> MedformerConfig:
 DatasetRef = str | tuple[str, int]
 
 
-def _normalise(datasets: Iterable[DatasetRef]) -> list[tuple[str, int]]:
+def normalise_datasets(datasets: Iterable[DatasetRef]) -> list[tuple[str, int]]:
+    """Flags or (flag, size) pairs -> unique (flag, size) pairs (size 28 for a bare flag), in order."""
     out: list[tuple[str, int]] = []
     for ref in datasets:
         flag, size = (ref, 28) if isinstance(ref, str) else (ref[0], int(ref[1]))
@@ -168,43 +169,25 @@ class TaskHead(nn.Module):
 
 
 class Medformer(nn.Module):
-    """Medformer for a set of datasets.
+    """Input Adaptformer -> shared Body -> Output Adaptformer, composed from the parts passed in
+    (:func:`build_medformer` builds them from a config, as timm's model functions do).
 
     Args:
-        cfg: architecture.
-        datasets: MedMNIST flags, or (flag, size) pairs (size 28 when only a flag is given).
-        downstream_heads: build an ``outputs.<dataset>`` head per dataset (central evaluation does;
-            a hospital's pretraining model does not need them).
-        extra_outputs: further output modules by task name (pretext heads), kept under ``outputs.``.
+        cfg: the architecture the parts were built with (pooling reads ``num_latents``; export saves it).
+        datasets: the (flag, size) pairs the model serves.
+        inputs: input kind (``2d-1ch`` ...) -> its InputAdaptformer (tokenizers per size + adapter).
+        latents: dataset flag -> its latent tokens (``Prepend``).
+        body: the shared transformer, [B, L, dim] -> [B, L, dim].
+        outputs: task -> head: ``outputs.<dataset>`` downstream heads, ``outputs.<pretext task>`` heads.
     """
 
-    def __init__(
-        self,
-        cfg: MedformerConfig,
-        datasets: Iterable[DatasetRef],
-        *,
-        downstream_heads: bool = True,
-        extra_outputs: Mapping[str, nn.Module] | None = None,
-    ):
+    def __init__(self, cfg: MedformerConfig, *, datasets: Sequence[tuple[str, int]], inputs: nn.ModuleDict,
+                 latents: nn.ModuleDict, body: nn.Module, outputs: nn.ModuleDict):
         super().__init__()
         self.cfg = cfg
-        self.datasets = _normalise(datasets)
+        self.datasets = list(datasets)
         self.infos: dict[str, DatasetInfo] = {f: get_info(f) for f, _ in self.datasets}
-        sizes_by_kind: dict[str, list[int]] = {}
-        for flag, size in self.datasets:
-            sizes_by_kind.setdefault(self.infos[flag].input_kind, []).append(size)
-        self.inputs = nn.ModuleDict({k: InputAdaptformer(k, s, cfg) for k, s in sizes_by_kind.items()})
-        self.latents = nn.ModuleDict({f: Prepend(cfg.num_latents, cfg.dim) for f in self.infos})
-        self.body = Body(cfg)
-        outputs: dict[str, nn.Module] = {}
-        if downstream_heads:
-            outputs.update({f: TaskHead(cfg, info.num_outputs) for f, info in self.infos.items()})
-        outputs.update(extra_outputs or {})
-        self.outputs = nn.ModuleDict(outputs)
-        self.apply(init_weights)
-        for m in self.modules():
-            if isinstance(m, Adapter):
-                m.zero_init()
+        self.inputs, self.latents, self.body, self.outputs = inputs, latents, body, outputs
 
     # ---- Input Adaptformer -------------------------------------------------------------------
     def info(self, dataset: str) -> DatasetInfo:
@@ -255,11 +238,43 @@ def scope_of(key: str) -> str:
     return parts[0] if parts[0] == "body" else ".".join(parts[:2])
 
 
+def build_medformer(cfg: MedformerConfig, datasets: Iterable[DatasetRef], *, downstream_heads: bool = True,
+                    extra_outputs: Mapping[str, nn.Module] | None = None) -> Medformer:
+    """A Medformer for ``datasets`` (MedMNIST flags, or (flag, size) pairs), freshly initialised.
+
+    Args:
+        cfg: architecture.
+        datasets: the datasets it serves; input kinds and sizes follow from ``medmnist.INFO``.
+        downstream_heads: an ``outputs.<dataset>`` head per dataset (central evaluation builds them;
+            a hospital's pretraining model does not need them).
+        extra_outputs: further output modules by task name (pretext heads), kept under ``outputs.``.
+    """
+    datasets = normalise_datasets(datasets)
+    infos = {f: get_info(f) for f, _ in datasets}
+    sizes_by_kind: dict[str, list[int]] = {}
+    for flag, size in datasets:
+        sizes_by_kind.setdefault(infos[flag].input_kind, []).append(size)
+    inputs = nn.ModuleDict({k: InputAdaptformer(k, s, cfg) for k, s in sizes_by_kind.items()})
+    latents = nn.ModuleDict({f: Prepend(cfg.num_latents, cfg.dim) for f in infos})
+    body = Body(cfg)
+    outputs: dict[str, nn.Module] = {}
+    if downstream_heads:
+        outputs.update({f: TaskHead(cfg, info.num_outputs) for f, info in infos.items()})
+    outputs.update(extra_outputs or {})
+    model = Medformer(cfg, datasets=datasets, inputs=inputs, latents=latents, body=body,
+                      outputs=nn.ModuleDict(outputs))
+    model.apply(init_weights)
+    for m in model.modules():
+        if isinstance(m, Adapter):
+            m.zero_init()
+    return model
+
+
 def keys_for_dataset(
     cfg: MedformerConfig, dataset: DatasetRef, *, pretext_outputs: Mapping[str, nn.Module] | None = None,
     downstream_heads: bool = False,
 ) -> list[str]:
     """The state keys a hospital holding ``dataset`` uses (and sends/receives in federation)."""
     with torch.device("meta"):
-        model = Medformer(cfg, [dataset], downstream_heads=downstream_heads, extra_outputs=pretext_outputs)
+        model = build_medformer(cfg, [dataset], downstream_heads=downstream_heads, extra_outputs=pretext_outputs)
     return list(model.state_dict())

@@ -14,16 +14,12 @@ from collections.abc import Sequence
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
+from config import dataset_label
 from medformer.data import load_splits
-from medformer.evaluation import fine_tune, linear_probe, random_init_reference
-from medformer.model import Medformer, MedformerConfig
+from medformer.eval import fine_tune, linear_probe, random_init_reference
+from medformer.model import MedformerConfig, build_medformer
 
 log = logging.getLogger(__name__)
-
-
-def dataset_label(flag: str, size: int) -> str:
-    """Key of a (flag, size) in reports: the flag at 28 pixels, ``flag_<size>`` otherwise."""
-    return flag if size == 28 else f"{flag}_{size}"
 
 
 class DownstreamEvaluator:
@@ -63,7 +59,7 @@ class DownstreamEvaluator:
         for flag, size in self.datasets:
             label = dataset_label(flag, size)
             splits = self.splits(flag, size)
-            model = Medformer(self.cfg, [(flag, size)], downstream_heads=True)
+            model = build_medformer(self.cfg, [(flag, size)], downstream_heads=True)
             encoder = {k: state[k] for k in model.encoder_keys()}
             missing = model.load_state_dict(encoder, strict=False).missing_keys
             if any(not k.startswith("outputs.") for k in missing):

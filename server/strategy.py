@@ -1,14 +1,14 @@
-"""KeyedFedAvg: Flower's FedAvg, with keyed aggregation and per-hospital messages.
+"""KeyedFedAvg: Flower's FedAvg, with keyed aggregation and per-site messages.
 
-Each sampled hospital is sent only the keys it uses and its own round instructions; its reply is
-validated (keys in its scope only, shapes and dtypes as sent, finite values, a plausible example
-count) before the keys are combined over the hospitals that hold them (``server.aggregation``). A
+Each sampled site is sent only the keys it uses and its own round instructions; its reply is
+validated (:meth:`KeyedFedAvg.validate`: keys in its scope only, shapes and dtypes as sent, finite
+values, a plausible example count) before the keys are combined over the sites that hold them
+(``server.rounds.Aggregator``: the rule, update clipping, client-level DP, the server optimizer). A
 reply that fails is dropped, and the round's report names it with the reason.
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -17,28 +17,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, REFUSAL, RoundInstructions
-from server.aggregation import ServerOptimizer, Update, clip_update, keyed_mean, keyed_median, keyed_trimmed_mean
+from config import Scenario, Site
+from protocol import (ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, REASON, REFUSAL, SERVER_ROUND,
+                      RoundInstructions)
+from server.aggregation import ServerOptimizer, Update
+from server.client_dp import ClientLevelDP
+from server.rounds import Aggregator, check_reply, sample_nodes
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Site:
-    """A connected hospital: its node, its scenario entry and the keys it holds."""
-
-    node_id: int
-    name: str
-    dataset: str
-    size: int
-    keys: list[str]
-    num_examples: int
-    client: dict = field(default_factory=dict)  # ClientSpec fields (partition, privacy)
-
-
-@dataclass
 class RoundReport:
-    """What happened to each hospital in one round."""
+    """What happened to each site in one round."""
 
     sampled: list[str] = field(default_factory=list)
     trained: dict[str, dict] = field(default_factory=dict)     # name -> metrics
@@ -57,50 +48,51 @@ def _nbytes(record: ArrayRecord) -> int:
 
 
 class KeyedFedAvg(FedAvg):
-    """FedAvg over hospitals that hold different subsets of the global model.
+    """FedAvg over sites that hold different subsets of the global model.
 
     Args:
-        sites: connected hospitals by node id.
-        instructions: builds a hospital's RoundInstructions for a round.
-        rule: ``mean`` (weighted by examples), ``median`` or ``trimmed-mean``.
-        trim_fraction: for ``trimmed-mean``.
-        server_optimizer: applied to the aggregate (FedAvg, FedAvgM, FedAdam).
+        sites: connected sites by node id (``num_examples`` known from discovery).
+        keys: the state keys each node's site holds.
+        instructions: builds a site's RoundInstructions for a round.
+        aggregator: how valid updates combine (rule, clipping, client-level DP, server optimizer).
         fraction_train, min_train_nodes: sampling, as in FedAvg.
         seed: sampling seed (round r samples with seed (seed, r): reproducible and resumable).
-        update_clip_norm: clip each hospital's update (reply - sent, over its keys) to this L2
-            norm before aggregation; None = no clipping.
     """
 
-    def __init__(self, *, sites: dict[int, Site], instructions: Callable[[Site, int], RoundInstructions],
-                 rule: str = "mean", trim_fraction: float = 0.2, server_optimizer: ServerOptimizer | None = None,
-                 fraction_train: float = 1.0, min_train_nodes: int = 1, seed: int = 0,
-                 update_clip_norm: float | None = None):
+    def __init__(self, *, sites: dict[int, Site], keys: dict[int, list[str]],
+                 instructions: Callable[[Site, int], RoundInstructions], aggregator: Aggregator | None = None,
+                 fraction_train: float = 1.0, min_train_nodes: int = 1, seed: int = 0):
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
                          min_available_nodes=min_train_nodes)  # evaluation is central: configure_evaluate is never called
-        if rule not in ("mean", "median", "trimmed-mean"):
-            raise ValueError(f"unknown aggregation rule {rule!r}; choose from mean, median, trimmed-mean")
-        self.sites = sites
+        self.sites, self.keys = sites, keys
         self.instructions = instructions
-        self.rule, self.trim_fraction = rule, trim_fraction
-        self.server_optimizer = server_optimizer or ServerOptimizer("fedavg")
+        self.aggregator = aggregator or Aggregator()
         self.seed = seed
-        self.update_clip_norm = update_clip_norm
         self.report = RoundReport()
         self._current: ArrayRecord | None = None
         self._sent: dict[int, ArrayRecord] = {}
         self._messages: dict[int, Message] = {}
 
+    @property
+    def server_optimizer(self) -> ServerOptimizer:
+        return self.aggregator.server_optimizer
+
+    @property
+    def client_dp(self) -> ClientLevelDP | None:
+        return self.aggregator.client_dp
+
     def summary(self) -> None:
-        log.info("KeyedFedAvg: %d sites, rule=%s, server optimizer=%s, fraction_train=%.2f, min_train_nodes=%d",
-                 len(self.sites), self.rule, self.server_optimizer.name, self.fraction_train, self.min_train_nodes)
+        a = self.aggregator
+        log.info("KeyedFedAvg: %d sites, rule=%s, server optimizer=%s, fraction_train=%.2f, min_train_nodes=%d%s",
+                 len(self.sites), a.rule, a.server_optimizer.name, self.fraction_train, self.min_train_nodes,
+                 f", client-level DP sigma={a.client_dp.noise_multiplier} C={a.client_dp.clipping_norm}"
+                 if a.client_dp else "")
 
     # ---- sampling and messages -----------------------------------------------------------------
     def sample(self, server_round: int, available: Iterable[int]) -> list[int]:
-        """Sorted node ids sampled for a round: deterministic in (seed, round)."""
-        nodes = sorted(n for n in available if n in self.sites)
-        k = min(len(nodes), max(math.ceil(self.fraction_train * len(nodes)), self.min_train_nodes))
-        rng = np.random.default_rng([self.seed, server_round])
-        return sorted(nodes[i] for i in rng.permutation(len(nodes))[:k])
+        """Sorted node ids sampled for a round (``server.rounds.sample_nodes``)."""
+        return sample_nodes([n for n in available if n in self.sites], server_round, fraction=self.fraction_train,
+                            min_nodes=self.min_train_nodes, seed=self.seed)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -110,9 +102,9 @@ class KeyedFedAvg(FedAvg):
         messages = []
         for node_id in self.sample(server_round, grid.get_node_ids()):
             site = self.sites[node_id]
-            sent = ArrayRecord(array_dict={k: arrays[k] for k in site.keys})
+            sent = ArrayRecord(array_dict={k: arrays[k] for k in self.keys[node_id]})
             cfg = ConfigRecord(dict(config))
-            cfg["server-round"] = server_round
+            cfg[SERVER_ROUND] = server_round
             cfg[INSTRUCTIONS] = self.instructions(site, server_round).to_json()
             self._sent[node_id] = sent
             self.report.sampled.append(site.name)
@@ -137,40 +129,28 @@ class KeyedFedAvg(FedAvg):
         return out
 
     # ---- validation and aggregation -------------------------------------------------------------
-    def _check_reply(self, site: Site, msg: Message) -> tuple[Update | None, str | None]:
-        """A valid reply as an Update, or the reason it is refused."""
+    def validate(self, node_id: int, msg: Message) -> tuple[Update | None, str | None]:
+        """A reply to this round's message for ``node_id`` as an Update, or the reason it is refused."""
+        site = self.sites[node_id]
         if msg.has_error():
             return None, f"client error: {msg.error.reason}"
         content = msg.content
         if REFUSAL in content.config_records:
-            return None, f"refused by the site: {content.config_records[REFUSAL].get('reason', 'no reason given')}"
+            return None, f"refused by the site: {content.config_records[REFUSAL].get(REASON, 'no reason given')}"
         if ARRAYS not in content.array_records or METRICS not in content.metric_records:
             return None, "reply lacks 'arrays' or 'metrics'"
-        metrics = content.metric_records[METRICS]
-        n = metrics.get(NUM_EXAMPLES)
-        if not isinstance(n, (int, float)) or not n > 0 or n > 10 * max(1, site.num_examples):
-            return None, f"implausible num-examples {n!r} (site has {site.num_examples})"
-        record = content.array_records[ARRAYS]
-        sent = self._sent[site.node_id]
-        extra = sorted(set(record.keys()) - set(sent.keys()))
-        if extra:
-            return None, f"sent keys outside its scope: {', '.join(extra[:3])}"
-        arrays = {}
-        for k, arr in record.items():
-            a = arr.numpy()
-            ref = sent[k]
-            if list(a.shape) != list(ref.shape) or str(a.dtype) != str(ref.dtype):
-                return None, f"key {k}: got {a.dtype}{list(a.shape)}, expected {ref.dtype}{list(ref.shape)}"
-            if not np.all(np.isfinite(a)):
-                return None, f"key {k}: non-finite values"
-            arrays[k] = a
-        if self.update_clip_norm is not None:
-            arrays, _ = clip_update({k: sent[k].numpy() for k in arrays}, arrays, self.update_clip_norm)
+        n = content.metric_records[METRICS].get(NUM_EXAMPLES)
+        arrays = {k: arr.numpy() for k, arr in content.array_records[ARRAYS].items()}
+        sent = {k: v.numpy() for k, v in self._sent[node_id].items()}
+        reason = check_reply(arrays, sent, n, site_examples=site.num_examples or 0)
+        if reason is not None:
+            return None, reason
         return Update(site.name, arrays, int(n)), None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates: list[Update] = []
+        sent: dict[str, dict[str, np.ndarray]] = {}
         by_node = self._match_replies(replies)
         for node_id in self._sent:
             site = self.sites[node_id]
@@ -180,12 +160,13 @@ class KeyedFedAvg(FedAvg):
                 continue
             if not msg.has_error() and PRIVACY in msg.content.config_records:
                 self.report.privacy[site.name] = dict(msg.content.config_records[PRIVACY])
-            update, reason = self._check_reply(site, msg)
+            update, reason = self.validate(node_id, msg)
             if update is None:
                 self.report.dropped[site.name] = reason
                 log.warning("round %d: dropped %s: %s", server_round, site.name, reason)
                 continue
             updates.append(update)
+            sent[site.name] = {k: v.numpy() for k, v in self._sent[node_id].items()}
             self.report.trained[site.name] = {k: v for k, v in msg.content.metric_records[METRICS].items()}
             self.report.bytes_received[site.name] = _nbytes(msg.content.array_records[ARRAYS])
         if len(updates) < self.min_train_nodes:
@@ -193,21 +174,14 @@ class KeyedFedAvg(FedAvg):
                 f"round {server_round}: {len(updates)} valid replies, fewer than min_train_nodes="
                 f"{self.min_train_nodes}; dropped: {self.report.dropped}"
             )
-        updates.sort(key=lambda u: u.name)  # aggregation order fixed: reproducible sums
-        if self.rule == "median":
-            agg = keyed_median(updates)
-        elif self.rule == "trimmed-mean":
-            agg = keyed_trimmed_mean(updates, self.trim_fraction)
-        else:
-            agg = keyed_mean(updates)
         current = {k: v.numpy() for k, v in self._current.items()}
-        new = self.server_optimizer.apply(current, agg)
+        new = self.aggregator.combine(current, sent, updates)
         arrays = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(new[k])) for k in current})
-        return arrays, MetricRecord(_weighted_metrics(self.report.trained))
+        return arrays, MetricRecord(weighted_metrics(self.report.trained))
 
 
-def _weighted_metrics(trained: dict[str, dict]) -> dict[str, float]:
-    """Example-weighted mean of every numeric metric the hospitals reported."""
+def weighted_metrics(trained: dict[str, dict]) -> dict[str, float]:
+    """Example-weighted mean of every numeric metric the sites reported."""
     total = sum(float(m.get(NUM_EXAMPLES, 0)) for m in trained.values())
     out: dict[str, float] = {NUM_EXAMPLES: total}
     for m in trained.values():
@@ -216,3 +190,25 @@ def _weighted_metrics(trained: dict[str, dict]) -> dict[str, float]:
             if k != NUM_EXAMPLES and isinstance(v, (int, float)):
                 out[k] = out.get(k, 0.0) + w * float(v)
     return out
+
+
+def make_aggregator(scenario: Scenario) -> Aggregator:
+    """The scenario's aggregation: rule, server optimizer, update clipping, client-level DP."""
+    st = scenario.strategy
+    rule = {"median": "median", "trimmed-mean": "trimmed-mean"}.get(st.name, "mean")
+    opt = {"fedadam": "fedadam", "fedavgm": "fedavgm"}.get(st.name, "fedavg")
+    lr = st.server_lr if opt != "fedadam" or st.server_lr != 1.0 else 1e-2
+    cdp = scenario.client_dp  # mode 'server' (the scenario refuses 'client' until the ClientApp clips itself)
+    return Aggregator(rule=rule, trim_fraction=st.trim_fraction,
+                      server_optimizer=ServerOptimizer(opt, lr=lr, momentum=st.server_momentum),
+                      update_clip_norm=st.update_clip_norm,
+                      client_dp=ClientLevelDP(noise_multiplier=cdp.noise_multiplier, clipping_norm=cdp.clipping_norm)
+                      if cdp is not None else None)
+
+
+def make_strategy(scenario: Scenario, sites: dict[int, Site], keys: dict[int, list[str]],
+                  instructions: Callable[[Site, int], RoundInstructions]) -> KeyedFedAvg:
+    """The keyed strategy for a scenario and the connected sites."""
+    st = scenario.strategy
+    return KeyedFedAvg(sites=sites, keys=keys, instructions=instructions, aggregator=make_aggregator(scenario),
+                       fraction_train=st.fraction_train, min_train_nodes=st.min_train_nodes, seed=scenario.seed)

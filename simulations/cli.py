@@ -16,17 +16,15 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from medformer.data import DataError, resolve_data_dir
 from medformer.files import write_text_atomic
-from simulations.scenario import Scenario, ScenarioError, check_data_files, load_scenario
+from config import Scenario, ScenarioError, check_data_files, load_scenario
 
 log = logging.getLogger("medfl")
 
-SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
 CHAOS_CLIENT_APP = "client.faults:chaos_app"  # only for scenarios that declare faults
 
@@ -84,30 +82,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.resume:
         write_text_atomic(out_dir / "config.yaml", scenario.to_yaml())
     _quiet_flower(args.verbose)
-    spec = {"config": str((out_dir / "config.yaml").resolve()), "out_dir": str(out_dir.resolve()),
-            "data_dir": data_dir, "resume": args.resume, "fallback_checkpoint": args.fallback_checkpoint,
-            "progress": not args.no_progress}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    os.environ["MEDFL_RUN_SPEC"] = f.name
+    # The ServerApp's one configuration path: run-config keys, as `flwr run --run-config` would set them.
+    run_config = {"scenario": str((out_dir / "config.yaml").resolve()), "out-dir": str(out_dir.resolve()),
+                  "data-dir": data_dir, "resume": args.resume, "fallback-checkpoint": args.fallback_checkpoint,
+                  "progress": not args.no_progress}
     os.environ["MEDMNIST_DATA"] = data_dir
     n = len(scenario.clients())
     print(f"medfl: {scenario.name}: {n} hospitals, {scenario.training.rounds} rounds -> {out_dir}", file=sys.stderr)
-    try:
-        from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation
 
-        sim = scenario.simulation
-        run_simulation(
-            server_app=load_component(SERVER_APP),
-            client_app=load_component(CHAOS_CLIENT_APP if scenario.faults else CLIENT_APP), num_supernodes=n,
-            backend_config={"client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": max(sim.cpus_per_client, os.cpu_count() or 1),
-                                          "include_dashboard": False, "log_to_driver": args.verbose}},
-            verbose_logging=args.verbose,
-        )
-    finally:
-        os.unlink(f.name)
-        os.environ.pop("MEDFL_RUN_SPEC", None)
+    from server.app import with_run_config
+
+    sim = scenario.simulation
+    run_simulation(
+        server_app=with_run_config(run_config),
+        client_app=load_component(CHAOS_CLIENT_APP if scenario.faults else CLIENT_APP), num_supernodes=n,
+        backend_config={"client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": max(sim.cpus_per_client, os.cpu_count() or 1),
+                                      "include_dashboard": False, "log_to_driver": args.verbose}},
+        verbose_logging=args.verbose,
+    )
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
         print(f"medfl: the run ended without a summary; see the log above (output in {out_dir})", file=sys.stderr)

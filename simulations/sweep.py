@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from medformer.files import write_text_atomic
-from simulations.scenario import Scenario, ScenarioError, load_scenario
+from config import Scenario, ScenarioError, load_scenario
+from tools.processes import stop_tree
 
 log = logging.getLogger("medfl.sweep")
 
@@ -313,11 +313,8 @@ def _run_one(config: Path, plan: RunPlan, run_dir: Path, log_path: Path, data_di
         try:
             return proc.wait()
         except BaseException:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the group this call started, and nothing else
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_tree(proc.pid, timeout=30)  # the tree this call started (its session), and nothing else
+            proc.wait()
             raise
 
 

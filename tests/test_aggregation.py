@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from config import ModelSpec, Site, TrainingSpec
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.wire import ARRAYS, METRICS, RoundInstructions
+from protocol import ARRAYS, METRICS, RoundInstructions
 from server.aggregation import ServerOptimizer, Update, keyed_mean, keyed_median, keyed_trimmed_mean
-from server.strategy import KeyedFedAvg, RoundFailed, Site
+from server.strategy import KeyedFedAvg, RoundFailed
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -63,18 +64,21 @@ def _five_hospital_sites():
     datasets = [("breastmnist", 28), ("pneumoniamnist", 28), ("retinamnist", 28), ("adrenalmnist3d", 28),
                 ("vesselmnist3d", 28)]
     global_state = build_pretext_model(cfg, datasets, obj).state_dict()
-    sites = {}
+    sites: dict[int, Site] = {}
     for i, (flag, size) in enumerate(datasets):
-        keys = list(build_pretext_model(cfg, [(flag, size)], obj).state_dict())
+        KEYS[100 + i] = list(build_pretext_model(cfg, [(flag, size)], obj).state_dict())
         name = flag.removesuffix("3d").removesuffix("mnist")
-        sites[100 + i] = Site(100 + i, name, flag, size, keys, 100 * (i + 1), {"name": name})
+        sites[100 + i] = Site(name, flag, size, num_examples=100 * (i + 1))
     arrays = ArrayRecord(array_dict={k: Array(v.numpy()) for k, v in global_state.items()})
     return sites, arrays
 
 
+KEYS: dict[int, list[str]] = {}  # node id -> the keys its site holds (filled by _five_hospital_sites)
+
+
 def _instructions(site, rnd):
-    return RoundInstructions(round=rnd, rounds=1, seed=0, hospital=site.client, model={}, pretext={},
-                             mask_ratio=0.75, training={})
+    return RoundInstructions(round=rnd, seed=0, site=site, model=ModelSpec(), pretext={}, mask_ratio=0.75,
+                             training=TrainingSpec())
 
 
 def _reply(msg: Message, arrays: dict, n: int) -> Message:
@@ -85,7 +89,7 @@ def _reply(msg: Message, arrays: dict, n: int) -> Message:
 
 def test_five_hospitals_scope_and_body_average():
     sites, arrays = _five_hospital_sites()
-    strategy = KeyedFedAvg(sites=sites, instructions=_instructions)
+    strategy = KeyedFedAvg(sites=sites, keys=KEYS, instructions=_instructions)
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), _FakeGrid(sites)))
     assert len(msgs) == 5
     by_node = {m.metadata.dst_node_id: m for m in msgs}
@@ -115,7 +119,7 @@ def test_five_hospitals_scope_and_body_average():
 
 def test_replies_outside_scope_or_broken_are_dropped_and_named():
     sites, arrays = _five_hospital_sites()
-    strategy = KeyedFedAvg(sites=sites, instructions=_instructions, min_train_nodes=2)
+    strategy = KeyedFedAvg(sites=sites, keys=KEYS, instructions=_instructions, min_train_nodes=2)
     msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays, ConfigRecord(), _FakeGrid(sites))}
     good = lambda nid: {k: v.numpy() for k, v in msgs[nid].content[ARRAYS].items()}  # noqa: E731
     stray = good(100)
@@ -131,12 +135,12 @@ def test_replies_outside_scope_or_broken_are_dropped_and_named():
     assert "timeout" in dropped["vessel"]
     assert set(strategy.report.trained) == {"retina", "adrenal"}
     with pytest.raises(RoundFailed):
-        KeyedFedAvg(sites=sites, instructions=_instructions, min_train_nodes=3).aggregate_train(1, [])
+        KeyedFedAvg(sites=sites, keys=KEYS, instructions=_instructions, min_train_nodes=3).aggregate_train(1, [])
 
 
 def test_sampling_is_deterministic_and_respects_fraction():
     sites, _ = _five_hospital_sites()
-    s = KeyedFedAvg(sites=sites, instructions=_instructions, fraction_train=0.4, min_train_nodes=1, seed=7)
+    s = KeyedFedAvg(sites=sites, keys=KEYS, instructions=_instructions, fraction_train=0.4, min_train_nodes=1, seed=7)
     a, b = s.sample(3, sites), s.sample(3, sites)
     assert a == b and len(a) == 2 and all(isinstance(n, int) for n in a)
     assert any(s.sample(r, sites) != a for r in range(4, 12))

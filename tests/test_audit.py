@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from medformer.audit import attack_metrics, membership_audit, pretext_scores, tpr_at_fpr
+from medformer.dp.audit import attack_metrics, membership_audit, pretext_scores, tpr_at_fpr
 from medformer.data import MedMNISTSplit
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.privacy import PrivacyLedger, plan_dp
-from medformer.training import LocalTrainSpec, train_local
+from medformer.dp.accounting import PrivacyLedger, plan_dp
+from medformer.train import TrainingSpec, train_local
 
 FLAG = "breastmnist"
 OBJ = PretextObjective({"mae": 1.0, "rotation": 0.5})
@@ -35,7 +35,7 @@ def _model():
 
 def _overfit(members: MedMNISTSplit, *, target_epsilon: float | None, steps: int = 100):
     model = _model()
-    spec = LocalTrainSpec(batch_size=16, local_steps=steps, lr=3e-3, weight_decay=0.0)
+    spec = TrainingSpec(batch_size=16, local_steps=steps, lr=3e-3, weight_decay=0.0)
     ledger = None
     if target_epsilon is not None:
         plan = plan_dp(num_examples=len(members), batch_size=16, steps_per_round=steps, rounds=1,
@@ -94,7 +94,7 @@ def test_reference_calibration_and_equal_counts():
 
 def test_members_and_non_members_are_matched_by_label():
     """Train and held-out splits hold the classes in other proportions; the audit must not measure that."""
-    from medformer.audit import _matched_indices
+    from medformer.dp.audit import _matched_indices
 
     rng = np.random.default_rng(0)
     members = MedMNISTSplit(FLAG, "train", 28, np.zeros((100, 1, 28, 28), np.uint8),

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.hospital import SiteConfigError, identity_from_node_config, local_data
+from client.site import SiteConfigError, local_data
+from client.site import site_from_node_config as identity_from_node_config
 from client.policy import trusted_history as longer_history
 from medformer.seeding import round_seed
-from medformer.data import write_synthetic_npz
+from synthetic import write_synthetic_npz
 
 
 def test_deployment_site_comes_from_node_config(tmp_path):
@@ -31,7 +32,7 @@ def test_bad_node_config_is_a_clear_error(node_config, needle):
 def test_simulated_partitions_are_disjoint_and_cover_the_split(real_data_dir):
     clients = [{"name": f"p-{i}", "dataset": "pneumoniamnist", "size": 28, "partition_index": i,
                 "partition_parts": 4, "partition_method": "dirichlet", "partition_alpha": 0.3} for i in range(4)]
-    roster = {"clients": clients, "seed": 3, "data_dir": str(real_data_dir)}
+    roster = {"sites": clients, "seed": 3, "data_dir": str(real_data_dir)}
     parts = [local_data(identity_from_node_config({"partition-id": i}, roster=roster), 3) for i in range(4)]
     assert sum(len(p) for p in parts) == 4708 and all(len(p) > 0 for p in parts)
     fingerprints = {p.images[j].tobytes() for p in parts for j in range(len(p))}

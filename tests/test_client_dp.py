@@ -12,10 +12,11 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.wire import ARRAYS, METRICS, RoundInstructions
-from server.client_dp import KeyedServerSideFixedClipping, clip_update, client_level_epsilon
-from server.strategy import KeyedFedAvg, Site
-from simulations.scenario import ScenarioError, load_scenario
+from config import ModelSpec, ScenarioError, Site, TrainingSpec, load_scenario
+from protocol import ARRAYS, METRICS, RoundInstructions
+from server.client_dp import ClientLevelDP, clip_update, client_level_epsilon
+from server.rounds import Aggregator
+from server.strategy import KeyedFedAvg
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -37,25 +38,30 @@ def _sites():
     torch.manual_seed(0)  # the same global model on every call: rounds are compared with each other
     datasets = [("breastmnist", 28), ("pneumoniamnist", 28), ("retinamnist", 28), ("adrenalmnist3d", 28)]
     arrays = build_pretext_model(cfg, datasets, obj).state_dict()
-    sites = {}
+    sites, keys = {}, {}
     for i, (flag, size) in enumerate(datasets):
-        keys = list(build_pretext_model(cfg, [(flag, size)], obj).state_dict())
-        sites[10 + i] = Site(10 + i, flag, flag, size, keys, 100 * (i + 1), {"name": flag})
-    return sites, ArrayRecord(array_dict={k: Array(v.numpy()) for k, v in arrays.items()})
+        keys[10 + i] = list(build_pretext_model(cfg, [(flag, size)], obj).state_dict())
+        sites[10 + i] = Site(flag, flag, size, num_examples=100 * (i + 1))
+    return sites, keys, ArrayRecord(array_dict={k: Array(v.numpy()) for k, v in arrays.items()})
 
 
 def _instructions(site, rnd):
-    return RoundInstructions(round=rnd, rounds=1, seed=0, hospital=site.client, model={}, pretext={},
-                             mask_ratio=0.75, training={})
+    return RoundInstructions(round=rnd, seed=0, site=site, model=ModelSpec(), pretext={}, mask_ratio=0.75,
+                             training=TrainingSpec())
+
+
+def _strategy(sites, keys, *, sigma: float, clip: float, rng=None, **aggregation) -> KeyedFedAvg:
+    """KeyedFedAvg with client-level DP (what the federation builds for a client_dp scenario)."""
+    cdp = ClientLevelDP(noise_multiplier=sigma, clipping_norm=clip, rng=rng)
+    return KeyedFedAvg(sites=sites, keys=keys, instructions=_instructions,
+                       aggregator=Aggregator(client_dp=cdp, **aggregation))
 
 
 def _round(sigma: float, clip: float, scale: float, seed: int | None = 0):
     """One round where each hospital returns sent + scale * (its own random direction). ``seed``
     seeds the server's noise (tests only); None = a secret generator, as the federation uses."""
-    sites, arrays = _sites()
-    inner = KeyedFedAvg(sites=sites, instructions=_instructions)
-    dp = KeyedServerSideFixedClipping(inner, noise_multiplier=sigma, clipping_norm=clip, num_sampled_clients=4,
-                                      rng=np.random.default_rng(seed) if seed is not None else None)
+    sites, keys, arrays = _sites()
+    dp = _strategy(sites, keys, sigma=sigma, clip=clip, rng=np.random.default_rng(seed) if seed is not None else None)
     msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, arrays, ConfigRecord(), _FakeGrid(sites))}
     rng = np.random.default_rng(1)
     replies, updates = [], {}
@@ -91,12 +97,12 @@ def test_clip_update_bounds_the_norm_over_the_replys_own_keys():
 def test_aggregate_of_clipped_updates_is_their_unweighted_keyed_mean_without_noise():
     clip = 0.7
     sites, arrays, updates, dp, new, metrics = _round(sigma=0.0, clip=clip, scale=0.05)
-    assert set(dp.last_norms) == {s.name for s in sites.values()}
-    assert all(n > clip for n in dp.last_norms.values())  # every update was really clipped
-    clipped = {nid: {k: u * (clip / dp.last_norms[sites[nid].name]) for k, u in upd.items()}
+    assert set(dp.client_dp.last_norms) == {s.name for s in sites.values()}
+    assert all(n > clip for n in dp.client_dp.last_norms.values())  # every update was really clipped
+    clipped = {nid: {k: u * (clip / dp.client_dp.last_norms[sites[nid].name]) for k, u in upd.items()}
                for nid, upd in updates.items()}
     for key in ("body.blocks.0.attn.qkv.weight", "latents.breastmnist.tokens"):
-        holders = [nid for nid in sites if key in sites[nid].keys]
+        holders = [nid for nid in sites if key in dp.keys[nid]]
         expected = arrays[key].numpy() + np.mean([clipped[nid][key] for nid in holders], axis=0)  # equal weights
         np.testing.assert_allclose(new[key].numpy(), expected, rtol=1e-5, atol=1e-6)
     # each aggregated update's norm is at most C, so the mean moved body keys by at most C
@@ -111,9 +117,9 @@ def test_noise_std_is_sigma_c_over_the_number_of_holders():
     body = [k for k in noisy.keys() if k.startswith("body.")]
     latent = "latents.retinamnist.tokens"  # held by one hospital
     tok2d = [k for k in noisy.keys() if k.startswith("inputs.2d-1ch")]  # breast and pneumonia (retina is 3-channel)
-    assert dp.last_noise_std[body[0]] == pytest.approx(sigma * clip / 4)
-    assert dp.last_noise_std[latent] == pytest.approx(sigma * clip / 1)
-    assert dp.last_noise_std[tok2d[0]] == pytest.approx(sigma * clip / 2)
+    assert dp.client_dp.last_noise_std[body[0]] == pytest.approx(sigma * clip / 4)
+    assert dp.client_dp.last_noise_std[latent] == pytest.approx(sigma * clip / 1)
+    assert dp.client_dp.last_noise_std[tok2d[0]] == pytest.approx(sigma * clip / 2)
     resid = np.concatenate([(noisy[k].numpy() - clean[k].numpy()).ravel() for k in body])
     assert resid.size > 5000
     assert resid.std() == pytest.approx(sigma * clip / 4, rel=0.05)
@@ -135,14 +141,13 @@ def test_client_level_noise_is_secret_and_cannot_be_subtracted():
     for guess in ([0, 1, 0xC11D], [0, 1], 0, 1):  # what the old code did, and other seeds a hospital knows
         rng = np.random.default_rng(guess)
         resid = np.concatenate([(first[k].numpy().astype(np.float64) - clean[k].numpy()
-                                 - rng.normal(0.0, dp.last_noise_std[k], first[k].shape)).ravel() for k in body])
+                                 - rng.normal(0.0, dp.client_dp.last_noise_std[k], first[k].shape)).ravel() for k in body])
         assert resid.std() > 1.2 * std  # the guess adds noise instead of removing it (sqrt(2) x std)
 
 
 def test_invalid_reply_is_refused_not_clipped_into_the_average():
-    sites, arrays = _sites()
-    dp = KeyedServerSideFixedClipping(KeyedFedAvg(sites=sites, instructions=_instructions), noise_multiplier=0.0,
-                                      clipping_norm=1.0, num_sampled_clients=4)
+    sites, keys, arrays = _sites()
+    dp = _strategy(sites, keys, sigma=0.0, clip=1.0)
     msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, arrays, ConfigRecord(), _FakeGrid(sites))}
     replies = []
     for nid, msg in msgs.items():
@@ -157,10 +162,9 @@ def test_invalid_reply_is_refused_not_clipped_into_the_average():
 
 
 def test_median_is_refused_with_client_dp():
-    sites, _ = _sites()
+    sites, keys, _ = _sites()
     with pytest.raises(ValueError, match="mean aggregation"):
-        KeyedServerSideFixedClipping(KeyedFedAvg(sites=sites, instructions=_instructions, rule="median"),
-                                     noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=4)
+        _strategy(sites, keys, sigma=1.0, clip=1.0, rule="median")
 
 
 @pytest.mark.parametrize("sigma, q, rounds", [(1.0, 1.0, 3), (0.8, 0.3, 50), (2.5, 0.1, 200)])
@@ -189,11 +193,10 @@ def test_noise_goes_on_the_average_before_the_server_optimizer():
     """FedAvgM with server lr 0.5: the step is 0.5 x (noised average - current), so the noise std halves."""
     from server.aggregation import ServerOptimizer
 
-    sites, arrays = _sites()
+    sites, keys, arrays = _sites()
 
     def one_round(sigma, opt):
-        inner = KeyedFedAvg(sites=sites, instructions=_instructions, server_optimizer=opt)
-        dp = KeyedServerSideFixedClipping(inner, noise_multiplier=sigma, clipping_norm=1.0, num_sampled_clients=4)
+        dp = _strategy(sites, keys, sigma=sigma, clip=1.0, server_optimizer=opt)
         msgs = list(dp.configure_train(1, arrays, ConfigRecord(), _FakeGrid(sites)))
         replies = [Message(content=RecordDict({ARRAYS: m.content[ARRAYS], METRICS: MetricRecord({"num-examples": 5})}),
                            reply_to=m) for m in msgs]  # every update is zero

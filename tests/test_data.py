@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from synthetic import write_synthetic_npz
 from medformer import data as D
 from medformer.data import (
     REGISTRY,
@@ -176,7 +177,7 @@ def test_missing_file_names_folder_and_fix(tmp_path: Path) -> None:
 
 
 def test_env_var_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    D.write_synthetic_npz(tmp_path, "breastmnist", n_train=4, n_val=2, n_test=2)
+    write_synthetic_npz(tmp_path, "breastmnist", n_train=4, n_val=2, n_test=2)
     monkeypatch.setenv("MEDMNIST_DATA", str(tmp_path))
     assert len(D.load_split("breastmnist", "train", verify=False)) == 4
 
@@ -191,7 +192,7 @@ def test_file_md5_streams_and_tracks_changes(tmp_path: Path) -> None:
 
 
 def test_status_of_synthetic_dir(tmp_path: Path) -> None:
-    D.write_synthetic_npz(tmp_path, "breastmnist")
+    write_synthetic_npz(tmp_path, "breastmnist")
     (tmp_path / "retinamnist.npz").mkdir()
     status = {r["file"]: r for r in D.data_status(tmp_path)}
     assert status["breastmnist.npz"]["status"] == "md5-mismatch"
@@ -213,7 +214,7 @@ def test_status_of_synthetic_dir(tmp_path: Path) -> None:
 )
 def test_synthetic_round_trip(tmp_path: Path, flag: str, size: int) -> None:
     info = D.get_info(flag)
-    path = D.write_synthetic_npz(tmp_path, flag, size=size, n_train=40, n_val=10, n_test=12)
+    path = write_synthetic_npz(tmp_path, flag, size=size, n_train=40, n_val=10, n_test=12)
     assert path == tmp_path / D.file_name(flag, size)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
     with np.load(path, allow_pickle=False) as npz:  # exactly the official layout
@@ -240,9 +241,9 @@ def test_synthetic_round_trip(tmp_path: Path, flag: str, size: int) -> None:
 
 
 def test_synthetic_is_deterministic(tmp_path: Path) -> None:
-    a = D.write_synthetic_npz(tmp_path / "a", "breastmnist", seed=3)
-    b = D.write_synthetic_npz(tmp_path / "b", "breastmnist", seed=3)
-    c = D.write_synthetic_npz(tmp_path / "c", "breastmnist", seed=4)
+    a = write_synthetic_npz(tmp_path / "a", "breastmnist", seed=3)
+    b = write_synthetic_npz(tmp_path / "b", "breastmnist", seed=3)
+    c = write_synthetic_npz(tmp_path / "c", "breastmnist", seed=4)
     la = D.load_splits("breastmnist", data_dir=a.parent, verify=False)["train"]
     lb = D.load_splits("breastmnist", data_dir=b.parent, verify=False)["train"]
     lc = D.load_splits("breastmnist", data_dir=c.parent, verify=False)["train"]
@@ -250,7 +251,7 @@ def test_synthetic_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_split_dataset_api(tmp_path: Path) -> None:
-    D.write_synthetic_npz(tmp_path, "retinamnist", n_train=20)
+    write_synthetic_npz(tmp_path, "retinamnist", n_train=20)
     ds = D.load_split("retinamnist", "train", data_dir=tmp_path, verify=False)
     x, y = ds[3]
     assert x.shape == (3, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -344,7 +345,7 @@ def test_format_error_pickled_object_array(tmp_path: Path) -> None:
 
 
 def test_format_error_truncated_or_not_zip(tmp_path: Path) -> None:
-    path = D.write_synthetic_npz(tmp_path, "breastmnist")
+    path = write_synthetic_npz(tmp_path, "breastmnist")
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     assert "truncated" in _load_error(tmp_path)
@@ -354,7 +355,7 @@ def test_format_error_truncated_or_not_zip(tmp_path: Path) -> None:
     shutil.move(tmp_path / "x.npy", path)
     assert "not an npz" in _load_error(tmp_path)
     # a zip whose member is corrupt but whose central directory is intact
-    D.write_synthetic_npz(tmp_path, "breastmnist")
+    write_synthetic_npz(tmp_path, "breastmnist")
     with zipfile.ZipFile(path) as z:
         info = z.getinfo("train_images.npy")
     raw = bytearray(path.read_bytes())
@@ -385,7 +386,7 @@ def test_download_calls_medmnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     class Fake:
         def __init__(self, *, split: str, download: bool, root: str, size: int) -> None:
             calls.append((split, download, root, size))
-            D.write_synthetic_npz(root, "vesselmnist3d", size=size, n_train=4, n_val=2, n_test=2)
+            write_synthetic_npz(root, "vesselmnist3d", size=size, n_train=4, n_val=2, n_test=2)
 
     monkeypatch.setattr(medmnist, "VesselMNIST3D", Fake)
     target = tmp_path / "new" / "dir"

@@ -222,7 +222,7 @@ def test_supernode_keys_are_what_flower_reads(tmp_path):
 def test_sites_and_node_config():
     from flwr.common.config import parse_config_args
 
-    from client.hospital import identity_from_node_config
+    from client.site import site_from_node_config as identity_from_node_config
 
     assert parse_site("breastmnist") == SiteSpec("breastmnist", "breastmnist", 28)
     assert parse_site("adrenalmnist3d@64") == SiteSpec("adrenalmnist3d-64", "adrenalmnist3d", 64)
@@ -252,7 +252,7 @@ def test_run_config_keys_are_declared_and_empty_means_unset():
     """The SuperLink refuses run-config keys missing from [tool.flwr.app.config]; "" there = not set."""
     import tomllib
 
-    from server.app import RUN_CONFIG_FIELDS, settings_from_run_config
+    from server.settings import RUN_CONFIG_FIELDS, settings_from_run_config
 
     declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     wanted = set(RUN_CONFIG_FIELDS) | {"scenario", "num-server-rounds", "data-dir", "out-dir", "expected-nodes",
@@ -282,10 +282,9 @@ def test_deployment_builds_the_model_for_the_discovered_sites(real_data_dir, tmp
     from medformer.model import make_config
     from medformer.pretext import PretextObjective, build_pretext_model
     from server.app import is_simulation
-    from server.federation import Federation
+    from config import load_scenario
     from server.checkpoint import load_latest
-    from server.federation import RunSettings
-    from simulations.scenario import load_scenario
+    from server.federation import Federation, RunSettings
 
     scenario = load_scenario(REPO_ROOT / "simulations" / "configs" / "quickstart.yaml",
                              ["model.preset=tiny", "training.rounds=1", "training.local_steps=1",

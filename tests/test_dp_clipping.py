@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medformer.data import get_info, load_split, write_synthetic_npz
-from medformer.dp_clipping import GhostClipper
-from medformer.model import Medformer, make_config
+from medformer.data import get_info, load_split
+from synthetic import write_synthetic_npz
+from medformer.dp.clipping import GhostClipper
+from medformer.model import build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model, num_rotations
-from medformer.privacy import PrivacyLedger, plan_dp
-from medformer.training import LocalTrainSpec, make_dp_sgd, make_optimizer, train_local
+from medformer.dp.accounting import PrivacyLedger, plan_dp
+from medformer.dp.optimizer import make_dp_sgd
+from medformer.train import TrainingSpec, make_optimizer, train_local
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
@@ -59,8 +61,8 @@ def _per_sample_losses(objective: PretextObjective, model, x, noise, labels, fla
     """The objective's weighted per-sample terms with its randomness fixed (mask noise, labels)."""
     total = torch.zeros(x.shape[0])
     for name, task in objective.tasks.items():
-        fixed = {"noise": noise} if name == "mae" else {"labels": labels}
-        total = total + objective.weights[name] * task.losses(model, x, flag, **fixed)
+        terms = task.masked_losses(model, x, flag, noise) if name == "mae" else task.rotated_losses(model, x, flag, labels)
+        total = total + objective.weights[name] * terms
     return total
 
 
@@ -130,7 +132,7 @@ def test_ghost_clipped_sum_equals_per_sample_reference(flag: str, preset: str, o
 def test_ghost_downstream_head(flag: str) -> None:
     """Query tokens (broadcast from a detached input) and cross-attention, as in fine-tuning."""
     torch.manual_seed(0)
-    model = Medformer(make_config("tiny"), [flag], downstream_heads=True).to(torch.float64).train()
+    model = build_medformer(make_config("tiny"), [flag], downstream_heads=True).to(torch.float64).train()
     x, _, _ = _inputs(model, flag)
     y = torch.arange(B) % get_info(flag).num_outputs
     _assert_ghost_matches_reference(
@@ -151,7 +153,7 @@ def _dp_step(model, objective, x, noise, labels, flag, *, clipping: str, clip: f
     """One DP-SGD step (SGD, lr 1) built from make_dp_sgd, in chunks; returns the weight change."""
     before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, LocalTrainSpec(optimizer="sgd", lr=1.0, weight_decay=0.0))
+    optimizer = make_optimizer(params, TrainingSpec(optimizer="sgd", lr=1.0, weight_decay=0.0))
     optimizer, clipper = make_dp_sgd(model, optimizer, clipping=clipping, noise_multiplier=sigma,
                                      max_grad_norm=clip, expected_batch_size=x.shape[0],
                                      generator=torch.Generator().manual_seed(noise_seed))
@@ -226,10 +228,10 @@ def test_train_local_ghost_equals_hooks_with_noise_fedprox_and_poisson_sampling(
     out = {}
     for clipping in ("hooks", "ghost"):
         model = _model("breastmnist", "tiny", objective)
-        spec = LocalTrainSpec(batch_size=batch, local_steps=steps, lr=0.1, optimizer="sgd", weight_decay=0.0,
-                              proximal_mu=0.5, dp_clipping=clipping)
+        spec = TrainingSpec(batch_size=batch, local_steps=steps, lr=0.1, optimizer="sgd", weight_decay=0.0,
+                            dp_clipping=clipping)
         ledger = PrivacyLedger(plan)
-        result, _ = train_local(model, objective, data, "breastmnist", spec,
+        result, _ = train_local(model, objective, data, "breastmnist", spec, proximal_mu=0.5,
                                 generator=torch.Generator().manual_seed(7),
                                 secret_generator=torch.Generator().manual_seed(8), ledger=ledger)
         out[clipping] = (torch.cat([p.detach().flatten() for p in model.parameters()]), ledger.steps, result)
@@ -257,4 +259,4 @@ def test_ghost_refuses_buffers_and_unknown_modes() -> None:
     with pytest.raises(NotImplementedError, match="buffers"):
         GhostClipper(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), 1.0)
     with pytest.raises(ValueError, match="unknown dp_clipping 'fast'; choose from ghost, hooks"):
-        LocalTrainSpec(dp_clipping="fast")
+        TrainingSpec(dp_clipping="fast")

@@ -14,12 +14,13 @@ import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from client.hospital import SiteIdentity, train_round
+from client.round import train_round
+from config import ModelSpec, PrivacySpec, Site, TrainingSpec
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.privacy import plan_dp
-from medformer.wire import ARRAYS, METRICS, PRIVACY, REFUSAL, RoundInstructions
-from server.strategy import KeyedFedAvg, Site
+from medformer.dp.accounting import plan_dp
+from protocol import ARRAYS, METRICS, PRIVACY, REFUSAL, RoundInstructions
+from server.strategy import KeyedFedAvg
 from simulations.cli import main
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -52,15 +53,13 @@ def test_contrastive_with_privacy_exits_2_before_training(tmp_path, capsys, real
 def test_exhausted_budget_trains_nothing_and_the_server_records_a_dropout(real_data_dir):
     cfg, obj = make_config("tiny"), PretextObjective({"mae": 1.0, "rotation": 0.5})
     model = build_pretext_model(cfg, [("breastmnist", 28)], obj)
-    training = {"batch_size": 64, "local_epochs": 1.0, "local_steps": 3, "lr": 1e-3, "weight_decay": 0.0,
-                "optimizer": "adamw"}
-    privacy = {"target_epsilon": 2.0, "max_grad_norm": 1.0, "accountant": "rdp", "noise_multiplier": None,
-               "target_delta": None}
-    site = SiteIdentity("breast", "breastmnist", 28, str(real_data_dir))
-    hospital = {"name": "breast", "dataset": "breastmnist", "size": 28}
-    ins = RoundInstructions(round=3, rounds=2, seed=0, hospital=hospital,
-                            model={"preset": "tiny"}, pretext=dict(obj.weights), mask_ratio=0.75, training=training,
-                            privacy=privacy)
+    training = TrainingSpec(rounds=2, batch_size=64, local_epochs=1.0, local_steps=3, lr=1e-3, weight_decay=0.0,
+                            optimizer="adamw")
+    privacy = PrivacySpec(target_epsilon=2.0, max_grad_norm=1.0, accountant="rdp")
+    site = Site("breast", "breastmnist", 28, data_dir=str(real_data_dir))
+    ins = RoundInstructions(round=3, seed=0, site=Site("breast", "breastmnist", 28),
+                            model=ModelSpec(preset="tiny"), pretext=dict(obj.weights), mask_ratio=0.75,
+                            training=training, privacy=privacy)
     plan = plan_dp(num_examples=546, batch_size=64, steps_per_round=3, rounds=2, target_epsilon=2.0)
     spent = json.dumps({"history": [[plan.noise_multiplier, plan.sample_rate, 6]]})  # both planned rounds done
     received = {k: v.clone() for k, v in model.state_dict().items()}
@@ -77,15 +76,15 @@ def test_exhausted_budget_trains_nothing_and_the_server_records_a_dropout(real_d
 
     # The server drops the refusal as a dropout with the reason, and keeps the accountant state.
     keys = list(received)
-    sites = {7: Site(7, "breast", "breastmnist", 28, keys, 546, {"name": "breast"}),
-             8: Site(8, "breast-b", "breastmnist", 28, keys, 546, {"name": "breast-b"})}
+    sites = {7: Site("breast", "breastmnist", 28, num_examples=546),
+             8: Site("breast-b", "breastmnist", 28, num_examples=546)}
     arrays = ArrayRecord(array_dict={k: Array(v.numpy()) for k, v in received.items()})
 
     class Grid:
         def get_node_ids(self):
             return [7, 8]
 
-    strategy = KeyedFedAvg(sites=sites, instructions=lambda s, r: ins)
+    strategy = KeyedFedAvg(sites=sites, keys={7: keys, 8: keys}, instructions=lambda s, r: ins)
     msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(3, arrays, ConfigRecord(), Grid())}
     refusal = Message(content=RecordDict({ARRAYS: ArrayRecord(), PRIVACY: ConfigRecord({"state": spent}),
                                           REFUSAL: ConfigRecord({"reason": "privacy budget exhausted: ..."}),

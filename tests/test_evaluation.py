@@ -1,15 +1,19 @@
-"""Tests for medformer.evaluation: losses, official metrics, linear probe, fine-tuning."""
+"""Tests for medformer.eval: losses, official metrics, linear probe, fine-tuning."""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from medmnist.evaluator import getACC, getAUC
 
-from medformer.data import get_info, load_splits, write_synthetic_npz
-from medformer.evaluation import (
-    evaluate_encoder,
+from medformer.data import MedMNISTSplit, get_info, load_splits
+from medformer.eval import (
+    METHODS,
     extract_features,
     fine_tune,
     head_loss,
@@ -20,7 +24,8 @@ from medformer.evaluation import (
     random_init_reference,
     validation_epochs,
 )
-from medformer.model import Medformer, make_config
+from medformer.model import Medformer, build_medformer, make_config
+from synthetic import write_synthetic_npz
 
 # One flag per MedMNIST task type.
 FLAGS = {
@@ -46,7 +51,7 @@ def _splits(folder, flag: str):
 
 def _model(flag: str, seed: int = 0, *, heads: bool = True) -> Medformer:
     torch.manual_seed(seed)
-    return Medformer(make_config("tiny"), [flag], downstream_heads=heads)
+    return build_medformer(make_config("tiny"), [flag], downstream_heads=heads)
 
 
 def _labels(task: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -305,6 +310,52 @@ def test_validation_epochs_rejects_zero() -> None:
 
 
 # --------------------------------------------------------------------------- conveniences
+
+
+# --------------------------------------------------------------------------- several methods at once
+def _accepted(fn: Callable[..., Any], kw: Mapping[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kw.items() if k in params}
+
+
+def evaluate_encoder(
+    model: Medformer,
+    dataset: str,
+    splits: Mapping[str, MedMNISTSplit],
+    *,
+    methods: Iterable[str] = ("linear_probe",),
+    **kw: Any,
+) -> dict[str, dict[str, Any]]:
+    """Run several evaluation methods on one dataset: ``{method: metrics}``.
+
+    Args:
+        model: Medformer built for ``dataset`` (not modified).
+        dataset: MedMNIST flag.
+        splits: ``{"train", "val", "test"}`` splits of ``dataset``.
+        methods: any of ``linear_probe``, ``fine_tune``, ``random_init`` (linear probe of an
+            untrained model with the same config).
+        **kw: options; each method receives those its function accepts (e.g. ``seed``,
+            ``label_fraction`` to all, ``epochs`` to ``fine_tune`` only).
+    """
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown evaluation method(s) {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
+    fns: dict[str, Callable[..., Any]] = {"linear_probe": linear_probe, "fine_tune": fine_tune,
+                                          "random_init": linear_probe}
+    used = {k for m in methods for k in _accepted(fns[m], kw)}
+    stray = sorted(set(kw) - used)
+    if stray:
+        raise TypeError(f"option(s) {', '.join(stray)} not accepted by method(s) {', '.join(methods)}")
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        args = _accepted(fns[m], kw)
+        if m == "random_init":
+            seed = args.pop("seed", 0)
+            out[m] = random_init_reference(model.cfg, (dataset, splits["train"].size), splits, seed, **args)
+        else:
+            out[m] = fns[m](model, splits, dataset, **args)
+    return out
 
 
 def test_evaluate_encoder_and_random_init(synth_dir) -> None:

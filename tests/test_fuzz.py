@@ -17,9 +17,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medformer.data import DataError, load_split, write_synthetic_npz
+from medformer.data import DataError, load_split
+from synthetic import write_synthetic_npz
 from simulations.cli import main
-from simulations.scenario import ScenarioError, load_scenario
+from config import ScenarioError, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = yaml.safe_load((REPO / "simulations" / "configs" / "five-hospitals.yaml").read_text())

@@ -16,8 +16,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from medformer import data as D
+from medformer.data.files import _to_split
 from medformer.data import get_info
-from medformer.model import Medformer, MedformerConfig, keys_for_dataset, make_config, scope_of
+from medformer.model import Medformer, MedformerConfig, build_medformer, keys_for_dataset, make_config, scope_of
 from medformer.pretext import TASKS, PretextObjective, build_pretext_model, num_rotations
 
 # (flag, size): 2D gray at both sizes, 2D RGB, 3D at both sizes.
@@ -49,7 +50,7 @@ def _real_batch(folder, flag: str, size: int, n: int = 4) -> torch.Tensor:
     path = D.dataset_path(flag, size, folder)
     with np.load(path, allow_pickle=False) as npz:
         images, labels = npz["val_images"][:n], npz["val_labels"][:n]
-    return D._to_split(flag, "val", size, get_info(flag), images, labels).batch(slice(None))[0]
+    return _to_split(flag, "val", size, get_info(flag), images, labels).batch(slice(None))[0]
 
 
 def _ids(cases):
@@ -62,7 +63,7 @@ def _ids(cases):
 @pytest.mark.parametrize(("flag", "size"), CASES, ids=_ids(CASES))
 def test_forward_backward_every_kind_and_size(flag: str, size: int) -> None:
     torch.manual_seed(0)
-    model = Medformer(make_config("tiny"), [(flag, size)])
+    model = build_medformer(make_config("tiny"), [(flag, size)])
     x = _batch(flag, size)
     out = model(x, flag)
     assert out.shape == (3, get_info(flag).num_outputs)
@@ -75,7 +76,7 @@ def test_forward_backward_every_kind_and_size(flag: str, size: int) -> None:
 
 
 def test_model_rejects_unknown_size_and_dataset() -> None:
-    model = Medformer(make_config("tiny"), ["breastmnist"])
+    model = build_medformer(make_config("tiny"), ["breastmnist"])
     with pytest.raises(ValueError, match="no tokenizer for size 64"):
         model(_batch("breastmnist", 64), "breastmnist")
     with pytest.raises(KeyError, match="not in this model"):
@@ -134,7 +135,7 @@ def test_keys_for_dataset_hold_only_the_hospitals_scopes() -> None:
     assert body[0] and body[0] == body[1] == body[2]
     # The keys a hospital uses are exactly a subset of the global model's keys.
     everyone = ["breastmnist", ("adrenalmnist3d", 64), "retinamnist"]
-    full = Medformer(cfg, everyone, downstream_heads=False, extra_outputs=objective.build_heads(cfg, everyone))
+    full = build_medformer(cfg, everyone, downstream_heads=False, extra_outputs=objective.build_heads(cfg, everyone))
     assert set(k2d) | set(k3d) | set(krgb) == set(full.state_dict())
 
 
@@ -239,7 +240,7 @@ def test_per_sample_gradients_masked_reconstruction(ps_model, flag: str, size: i
     mae = PretextObjective({"mae": 1.0}).tasks["mae"]
 
     def fn(m, x, noise):
-        return mae.losses(m, x, flag, noise=noise)
+        return mae.masked_losses(m, x, flag, noise)
 
     _assert_same_per_sample(ps_model, fn, (x, noise))
 
@@ -252,7 +253,7 @@ def test_per_sample_gradients_rotation(ps_model, flag: str, size: int) -> None:
     rot = PretextObjective({"rotation": 1.0}).tasks["rotation"]
 
     def fn(m, x, labels):
-        return rot.losses(m, x, flag, labels=labels)
+        return rot.rotated_losses(m, x, flag, labels)
 
     # rotate() groups samples by label (data-dependent control flow): reference loops over grad().
     _assert_same_per_sample(ps_model, fn, (x, labels), use_vmap=False)
@@ -278,4 +279,4 @@ def test_config_rejects_heads_not_dividing_dim_and_non_positive_values() -> None
     with pytest.raises(ValueError, match=r"depth=0 must be a positive number.*adapter_dim=-1"):
         make_config("tiny", depth=0, adapter_dim=-1)
     with pytest.raises(ValueError, match="token grid 5 does not divide image size 28"):
-        Medformer(make_config("tiny", grid_2d=5), ["breastmnist"])
+        build_medformer(make_config("tiny", grid_2d=5), ["breastmnist"])

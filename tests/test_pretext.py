@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medformer.data import load_split
+from medformer.data import random_view as augment
 from medformer.layers import PatchEmbed
 from medformer.model import make_config
 from medformer.pretext import (
@@ -17,13 +18,12 @@ from medformer.pretext import (
     PretextObjective,
     RotationPrediction,
     SimSiam,
-    augment,
     build_pretext_model,
     num_rotations,
     patchify,
     rotate,
 )
-from medformer.training import LocalTrainSpec, train_local
+from medformer.train import TrainingSpec, train_local
 
 
 # Opacus's hooks on modules whose inputs need no grad, and vmap over CPU attention: both harmless.
@@ -173,10 +173,10 @@ def test_mae_fixed_noise_fixes_the_mask() -> None:
     x = torch.rand(3, 1, 28, 28, 28) * 2 - 1
     noise = torch.rand(3, 64)
     mae = obj.tasks["mae"]
-    a = mae.losses(model, x, "adrenalmnist3d", noise=noise)
-    b = mae.losses(model, x, "adrenalmnist3d", noise=noise)
+    a = mae.masked_losses(model, x, "adrenalmnist3d", noise)
+    b = mae.masked_losses(model, x, "adrenalmnist3d", noise)
     assert a.shape == (3,) and torch.equal(a, b)
-    assert not torch.equal(a, mae.losses(model, x, "adrenalmnist3d", noise=noise.flip(1)))
+    assert not torch.equal(a, mae.masked_losses(model, x, "adrenalmnist3d", noise.flip(1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_each_pretext_loss_falls_on_real_data(real_train, flag: str, task: str) 
     obj = PretextObjective({task: 1.0})
     model = build_pretext_model(make_config("tiny"), [flag], obj)
     losses: list[float] = []
-    spec = LocalTrainSpec(batch_size=64, local_steps=STEPS[flag][task], lr=1e-3, optimizer="adamw")
+    spec = TrainingSpec(batch_size=64, local_steps=STEPS[flag][task], lr=1e-3, optimizer="adamw")
     train_local(model, obj, data, flag, spec, generator=torch.Generator().manual_seed(0),
                 on_step=lambda step, loss: losses.append(loss))
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20

@@ -1,4 +1,4 @@
-"""Tests for medformer.privacy and the DP-SGD path of medformer.training.
+"""Tests for medformer.dp.accounting and the DP-SGD path of medformer.train.
 
 What they pin down: the noise is calibrated for the whole federation; the epsilon a hospital reports
 is the composition of every step it took (checked against a fresh Opacus accountant, across rounds
@@ -16,12 +16,14 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from medformer import training
-from medformer.data import write_synthetic_npz, load_split
+from medformer import train as training
+from medformer.dp.optimizer import make_dp_sgd
+from medformer.data import load_split
+from synthetic import write_synthetic_npz
 from medformer.model import make_config
 from medformer.pretext import MaskedReconstruction, PretextObjective, build_pretext_model, patchify
-from medformer.privacy import PrivacyLedger, epsilon_of, plan_dp
-from medformer.training import LocalTrainSpec, make_optimizer, train_local
+from medformer.dp.accounting import PrivacyLedger, epsilon_of, plan_dp
+from medformer.train import TrainingSpec, make_optimizer, train_local
 
 FLAG = "breastmnist"
 FRESH = {"rdp": RDPAccountant, "prv": PRVAccountant}
@@ -57,9 +59,9 @@ def _weights(model) -> torch.Tensor:
 class _ImageKeyedMAE(MaskedReconstruction):
     """MAE whose mask depends only on each image, not on the RNG: chunking cannot change it."""
 
-    def losses(self, model, x, dataset, generator=None, noise=None):
+    def losses(self, model, x, dataset, generator=None):
         patch = model.tokenizer(dataset, x.shape[-1]).patch
-        return super().losses(model, x, dataset, noise=patchify(x, patch).mean(-1))
+        return self.masked_losses(model, x, dataset, patchify(x, patch).mean(-1))
 
 
 def _image_keyed_objective() -> PretextObjective:
@@ -140,7 +142,7 @@ def _fresh_epsilon(accountant: str, plan, steps: int) -> float:
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_ledger_counts_every_round_and_survives_json(data, plans, accountant: str) -> None:
     rounds, steps_per_round = ROUNDS, STEPS_PER_ROUND
-    spec = LocalTrainSpec(batch_size=BATCH, local_steps=steps_per_round, lr=1e-3)
+    spec = TrainingSpec(batch_size=BATCH, local_steps=steps_per_round, lr=1e-3)
     plan = plans(accountant)
     objective = PretextObjective({"mae": 1.0, "rotation": 0.5})
     model = _model(objective)
@@ -178,7 +180,7 @@ def test_empty_poisson_batches_take_a_noise_only_step(data, monkeypatch, clippin
     monkeypatch.setattr(training, "_poisson_batches", spy)
     objective = PretextObjective({"mae": 1.0})
     model = _model(objective)
-    spec = LocalTrainSpec(batch_size=1, local_steps=20, optimizer="sgd", lr=1e-3, weight_decay=0.0,
+    spec = TrainingSpec(batch_size=1, local_steps=20, optimizer="sgd", lr=1e-3, weight_decay=0.0,
                           dp_clipping=clipping)
     plan = plan_dp(num_examples=len(data), batch_size=1, steps_per_round=20, rounds=1, noise_multiplier=1.0)
     ledger = PrivacyLedger(plan)
@@ -197,10 +199,10 @@ def _step(model, objective, x, *, dp: bool, noise: float = 0.0, clip: float = 1e
     """One optimizer step on the fixed batch x (SGD, no weight decay); returns the weight change."""
     before = _weights(model).clone()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, LocalTrainSpec(optimizer="sgd", lr=lr, weight_decay=0.0))
+    optimizer = make_optimizer(params, TrainingSpec(optimizer="sgd", lr=lr, weight_decay=0.0))
     clipper = None
     if dp:
-        optimizer, clipper = training.make_dp_sgd(
+        optimizer, clipper = make_dp_sgd(
             model, optimizer, clipping=clipping, noise_multiplier=noise, max_grad_norm=clip,
             expected_batch_size=x.shape[0], generator=torch.Generator().manual_seed(noise_seed))
     try:
@@ -270,7 +272,7 @@ def _train(data, objective, *, seed: int, ledger_plan=None, max_physical_batch: 
            steps: int = 2, batch_size: int = 32, clipping: str = "ghost", secret_seed: int | None = 0):
     """``secret_seed`` seeds the DP noise and Poisson sampling (tests only); None = a secret one, as sites do."""
     model = _model(objective)
-    spec = LocalTrainSpec(batch_size=batch_size, local_steps=steps, lr=0.1, optimizer="sgd", weight_decay=0.0,
+    spec = TrainingSpec(batch_size=batch_size, local_steps=steps, lr=0.1, optimizer="sgd", weight_decay=0.0,
                           max_physical_batch=max_physical_batch, dp_clipping=clipping)
     ledger = PrivacyLedger(ledger_plan) if ledger_plan is not None else None
     secret = torch.Generator().manual_seed(secret_seed) if secret_seed is not None else None
@@ -334,7 +336,7 @@ def test_dp_refuses_a_non_per_sample_objective(data) -> None:
     plan = plan_dp(num_examples=len(data), batch_size=16, steps_per_round=2, rounds=1, noise_multiplier=1.0)
     ledger = PrivacyLedger(plan)
     with pytest.raises(ValueError, match=r"contrastive are not sums of per-sample losses; DP-SGD cannot"):
-        train_local(model, objective, data, FLAG, LocalTrainSpec(batch_size=16, local_steps=2),
+        train_local(model, objective, data, FLAG, TrainingSpec(batch_size=16, local_steps=2),
                     generator=torch.Generator().manual_seed(0), ledger=ledger)
     assert ledger.steps == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -56,11 +56,13 @@ def test_fault_injection_mod_poisons_the_update(flower_task_identity):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     from client.faults import InjectedFault, fault_injection_mod
-    from medformer.wire import RoundInstructions
+    from config import FaultSpec, ModelSpec, Site, TrainingSpec
+    from protocol import RoundInstructions
 
     def message(fault):
-        ins = RoundInstructions(round=1, rounds=1, seed=0, hospital={"name": "h"}, model={}, pretext={},
-                                mask_ratio=0.75, training={}, extra={"fault": fault} if fault else {})
+        ins = RoundInstructions(round=1, seed=0, site=Site("h", "breastmnist"), model=ModelSpec(), pretext={},
+                                mask_ratio=0.75, training=TrainingSpec(),
+                                fault=FaultSpec(hospital="h", **fault) if fault else None)
         content = RecordDict({"arrays": ArrayRecord(array_dict={"w": Array(np.zeros(3, np.float32))}),
                               "config": ConfigRecord({"instructions": ins.to_json()})})
         return Message(content=content, dst_node_id=1, message_type="train")

@@ -16,19 +16,20 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from synthetic import write_synthetic_npz
 from medformer import data as mdata
-from simulations.scenario import (
+from config import (
     PRETEXT_TASKS,
-    ClientSpec,
+    Site,
     PrivacySpec,
     Scenario,
     ScenarioError,
     apply_overrides,
     check_data_files,
     load_scenario,
-    partition_indices,
     scenario_from_dict,
 )
+from medformer.data import partition_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "simulations" / "configs").glob("*.yaml"))
@@ -127,8 +128,8 @@ def test_defaults_and_views():
     assert s.seed == 0 and s.mask_ratio == 0.75 and s.strategy.name == "fedavg"
     assert s.training.optimizer == "adamw" and s.training.local_steps is None
     assert s.hospitals[0].size == 28
-    assert s.clients() == [ClientSpec("breast", "breastmnist", 28),
-                           ClientSpec("adrenal", "adrenalmnist3d", 64)]
+    assert s.clients() == [Site("breast", "breastmnist", 28),
+                           Site("adrenal", "adrenalmnist3d", 64)]
 
 
 def test_ints_accepted_as_floats_and_yaml11_exponents():
@@ -343,7 +344,7 @@ def test_check_data_files_missing_and_corrupt(tmp_path):
     assert "breastmnist.npz" in str(info.value)
     assert any("adrenalmnist3d_64.npz" in n for n in info.value.__notes__)
     for flag, size in s.datasets():
-        mdata.write_synthetic_npz(tmp_path, flag, size=size, n_train=4, n_val=2, n_test=2)
+        write_synthetic_npz(tmp_path, flag, size=size, n_train=4, n_val=2, n_test=2)
     with pytest.raises(mdata.ChecksumError, match="breastmnist.npz"):
         check_data_files(s, tmp_path)
 

@@ -12,16 +12,18 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from client.hospital import SiteConfigError, SiteIdentity, identity_from_node_config, train_round
 from client.policy import LedgerStore, PolicyRefusal, SitePolicy, settle_privacy
+from client.round import train_round
+from client.site import SiteConfigError
+from client.site import site_from_node_config as identity_from_node_config
+from config import FaultSpec, ModelSpec, PrivacySpec, Site, TrainingSpec, load_scenario
 from inprocess import InProcessGrid
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
-from medformer.privacy import epsilon_of
-from medformer.wire import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, PRIVACY, REFUSAL, RoundInstructions
+from medformer.dp.accounting import epsilon_of
+from protocol import ARRAYS, CONFIG, INSTRUCTIONS, METRICS, PRIVACY, REFUSAL, RoundInstructions
 from server.checkpoint import load_latest
 from server.federation import Federation, RunSettings
-from simulations.scenario import load_scenario
 
 pytestmark = [pytest.mark.usefixtures("flower_task_identity", "one_torch_thread"),
               pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")]
@@ -78,16 +80,17 @@ def test_the_site_tightens_every_weaker_request():
 # ---- one site's rounds, through the real ClientApp --------------------------------------------------
 
 def _train_message(node_id: int, rnd: int, *, privacy: dict | None, rounds: int = 2, privacy_state: str | None = None,
-                   extra: dict | None = None):
+                   fault: dict | None = None):
     model = build_pretext_model(make_config("tiny"), [("breastmnist", 28)], OBJ)
     torch.manual_seed(0)
     sent = ArrayRecord(array_dict={k: Array(v.detach().numpy().copy()) for k, v in model.state_dict().items()})
     ins = RoundInstructions(
-        round=rnd, rounds=rounds, seed=0, hospital={"name": "breast", "dataset": "breastmnist", "size": 28},
-        model={"preset": "tiny", "overrides": {}}, pretext=dict(OBJ.weights), mask_ratio=0.75,
-        training={"batch_size": 64, "local_epochs": 1.0, "local_steps": 3, "lr": 1e-3, "weight_decay": 0.0,
-                  "optimizer": "adamw", "threads": 1},
-        privacy=privacy, privacy_state=privacy_state, extra=extra or {})
+        round=rnd, seed=0, site=Site("breast", "breastmnist", 28), model=ModelSpec(preset="tiny"),
+        pretext=dict(OBJ.weights), mask_ratio=0.75,
+        training=TrainingSpec(rounds=rounds, batch_size=64, local_epochs=1.0, local_steps=3, lr=1e-3,
+                              weight_decay=0.0, optimizer="adamw"),
+        privacy=PrivacySpec(**privacy) if privacy else None, privacy_state=privacy_state,
+        fault=FaultSpec(hospital="breast", **fault) if fault else None)
     return Message(content=RecordDict({ARRAYS: sent, CONFIG: ConfigRecord({INSTRUCTIONS: ins.to_json()})}),
                    message_type=MessageType.TRAIN, dst_node_id=node_id)
 
@@ -137,11 +140,11 @@ def test_a_deployed_clientapp_ignores_injected_faults(real_data_dir):
 
     assert not app._mods
     node = {7: {"dataset": "breastmnist", "data-dir": str(real_data_dir), "name": "breast"}}
-    order = {"fault": {"kind": "raise"}}
-    [reply] = InProcessGrid(node).send_and_receive([_train_message(7, 1, privacy=None, extra=order)])
+    order = {"kind": "raise"}
+    [reply] = InProcessGrid(node).send_and_receive([_train_message(7, 1, privacy=None, fault=order)])
     assert not reply.has_error() and len(reply.content[ARRAYS]) > 0
     [chaos] = InProcessGrid(node, client_app=chaos_app).send_and_receive([_train_message(7, 1, privacy=None,
-                                                                                         extra=order)])
+                                                                                         fault=order)])
     assert chaos.has_error() and InjectedFault.__name__ in chaos.error.reason
 
 
@@ -152,7 +155,7 @@ def test_replaying_a_private_round_with_everything_the_server_knows_fails(real_d
     differs between two replays (the noise and the batches are secret); a non-DP round does not."""
     received = {k: v.clone() for k, v in build_pretext_model(make_config("tiny"), [("breastmnist", 28)], OBJ)
                 .state_dict().items()}
-    site = SiteIdentity("breast", "breastmnist", 28, str(real_data_dir))
+    site = Site("breast", "breastmnist", 28, data_dir=str(real_data_dir))
 
     def release(privacy):
         ins = RoundInstructions.from_json(str(_train_message(7, 1, privacy=privacy).content[CONFIG][INSTRUCTIONS]))

@@ -14,7 +14,7 @@ import pytest
 
 from simulations import sweep
 from simulations.cli import main
-from simulations.scenario import ScenarioError, load_scenario
+from config import ScenarioError, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "simulations" / "configs" / "quickstart.yaml"

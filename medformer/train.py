@@ -1,79 +1,84 @@
 """One hospital's local pretext training, plain or under DP-SGD.
 
 The same loop serves both: without DP it shuffles and walks the data in batches; with DP it draws
-Poisson-sampled batches (what the accountant assumes), clips each sample's gradient, noises the sum
-and records every step in the hospital's PrivacyLedger. Per-sample clipping comes in two exact forms:
-``ghost`` (default, medformer.dp_clipping: per-sample norms without per-sample gradients of the Linear
-layers) and ``hooks`` (Opacus's GradSampleModule, every per-sample gradient materialised). A logical
-batch larger than the physical batch is processed in chunks whose clipped gradients are summed before
-the single noisy step (what Opacus's BatchMemoryManager does).
+Poisson-sampled batches (what the accountant assumes) from a secret generator, clips each sample's
+gradient (``medformer.dp.clipping``: ghost clipping by default, or Opacus's hooks), noises the sum
+(``medformer.dp.optimizer``) and records every step in the hospital's PrivacyLedger. A logical batch
+larger than the physical batch is processed in chunks whose gradients are summed before the single
+step (what Opacus's BatchMemoryManager does).
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
-from contextlib import contextmanager, nullcontext
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers import DPOptimizer
 
 from medformer.data import MedMNISTSplit
-from medformer.dp_clipping import GhostClipper
+from medformer.dp.accounting import PrivacyLedger
+from medformer.dp.clipping import DP_CLIPPING, GhostClipper, HooksClipping
+from medformer.dp.optimizer import empty_step, forget_dp_state, make_dp_sgd
 from medformer.model import Medformer
 from medformer.pretext import PretextObjective
-from medformer.privacy import PrivacyLedger, steps_for
 from medformer.seeding import secret_generator as fresh_secret_generator
+from medformer.settings import setting
 
 log = logging.getLogger(__name__)
 
-DP_CLIPPING = ("ghost", "hooks")
 
-
-@dataclass(frozen=True)
-class LocalTrainSpec:
-    """How a hospital trains in one round.
+@dataclass(frozen=True, kw_only=True)
+class TrainingSpec:
+    """How every hospital trains: the scenario's ``training`` section, the round instructions' training
+    settings and ``train_local``'s argument are this one dataclass.
 
     Args:
-        batch_size: (expected) batch size; with DP the Poisson rate is batch_size / n.
-        local_epochs: passes over the local data per round (fractions allowed).
-        local_steps: steps per round; overrides local_epochs when set.
-        lr: learning rate.
+        rounds: federated rounds (DP-SGD's noise is calibrated for all of them).
+        local_epochs: passes over the local train split per round (fractions allowed).
+        local_steps: optimizer steps per round; when set it replaces ``local_epochs``.
+        batch_size: examples per local step (the expected batch size under DP-SGD's Poisson sampling,
+            whose rate is batch_size / n).
+        lr: local learning rate.
         weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
-        optimizer: 'adamw' or 'sgd'.
-        proximal_mu: FedProx coefficient mu of (mu/2)||w - w_global||^2 (0 = off).
-        max_physical_batch: largest chunk pushed through the model at once.
-        dp_clipping: how DP-SGD clips per-sample gradients: 'ghost' (per-sample norms from each
-            Linear layer's inputs and output gradients, clipped sum in one matmul) or 'hooks'
-            (Opacus materialises every per-sample gradient). Same clipped sums to float tolerance.
-            On the default preset ghost costs 1.3-1.6x a plain step, hooks 1.6-3.4x (benchmarks/
-            throughput.py, 2D MAE at batch 256 is where hooks is slowest).
-        dp_physical_batch: the chunk size under DP-SGD with 'hooks'. Per-sample gradients of a whole
-            batch of 256 cost ~600 MB and 6x a plain step on 2D inputs; chunks of 64 stay in cache
-            (3.5x at batch 256 on 2D MAE). Results are identical. 'ghost' stores no more than plain
-            training and uses max_physical_batch.
+        optimizer: ``adamw`` or ``sgd``.
+        keep_optimizer_state: keep each hospital's optimizer state across rounds.
+        max_physical_batch: largest chunk of a batch pushed through the model at once.
+        dp_clipping: how DP-SGD clips per-sample gradients: ``ghost`` (per-sample norms from each
+            Linear layer's inputs and output gradients, clipped sum in one matmul) or ``hooks`` (Opacus
+            materialises every per-sample gradient). Same clipped sums to float tolerance; on the
+            default preset ghost costs 1.3-1.6x a plain step, hooks 1.6-3.4x (benchmarks/throughput.py).
+        dp_physical_batch: the chunk size under DP-SGD with ``hooks`` (per-sample gradients of a whole
+            batch of 256 cost ~600 MB on 2D inputs; chunks of 64 stay in cache). ``ghost`` stores no
+            more than plain training and uses ``max_physical_batch``.
     """
 
-    batch_size: int = 128
-    local_epochs: float = 1.0
-    local_steps: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    proximal_mu: float = 0.0
-    max_physical_batch: int = 512
-    dp_clipping: str = "ghost"
-    dp_physical_batch: int = 64
+    rounds: int = setting(3, ge=1, le=10_000)
+    local_epochs: float = setting(1.0, gt=0, le=1_000)
+    local_steps: int | None = setting(None, ge=1, le=10_000_000)
+    batch_size: int = setting(128, ge=1, le=65_536)
+    lr: float = setting(1.0e-3, gt=0, le=10)
+    weight_decay: float = setting(0.05, ge=0, le=10)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    keep_optimizer_state: bool = False
+    max_physical_batch: int = setting(512, ge=1, le=65_536)
+    dp_clipping: str = setting("ghost", choices=lambda: DP_CLIPPING)
+    dp_physical_batch: int = setting(64, ge=1, le=65_536)
 
     def __post_init__(self) -> None:
         if self.dp_clipping not in DP_CLIPPING:
             raise ValueError(f"unknown dp_clipping {self.dp_clipping!r}; choose from {', '.join(DP_CLIPPING)}")
 
     def steps(self, num_examples: int) -> int:
-        return steps_for(num_examples, self.batch_size, self.local_epochs, self.local_steps)
+        """Local steps one round takes: ``local_steps`` if set, else epochs x ceil-batches per epoch."""
+        if self.local_steps is not None:
+            return int(self.local_steps)
+        return max(1, math.ceil(self.local_epochs * num_examples / self.batch_size))
 
     def physical_batch(self, dp: bool) -> int:
         """Largest chunk of a logical batch pushed through the model at once."""
@@ -83,7 +88,9 @@ class LocalTrainSpec:
 
 
 @dataclass
-class LocalTrainResult:
+class TrainResult:
+    """What one round of local training did (losses are means over the round's images)."""
+
     num_examples: int
     steps: int
     seconds: float
@@ -93,7 +100,7 @@ class LocalTrainResult:
     epsilon: float | None = None
 
 
-def make_optimizer(params, spec: LocalTrainSpec) -> torch.optim.Optimizer:
+def make_optimizer(params, spec: TrainingSpec) -> torch.optim.Optimizer:
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     if spec.optimizer == "sgd":
@@ -129,14 +136,15 @@ def train_local(
     objective: PretextObjective,
     data: MedMNISTSplit,
     dataset: str,
-    spec: LocalTrainSpec,
+    spec: TrainingSpec,
     *,
     generator: torch.Generator,
     secret_generator: torch.Generator | None = None,
+    proximal_mu: float = 0.0,
     optimizer_state: Mapping | None = None,
     ledger: PrivacyLedger | None = None,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[LocalTrainResult, dict]:
+) -> tuple[TrainResult, dict]:
     """Train ``model`` in place on ``data`` for one round.
 
     Args:
@@ -145,6 +153,8 @@ def train_local(
         data: the hospital's training split (or partition of it).
         dataset: the MedMNIST flag of ``data``.
         spec: optimisation settings.
+        proximal_mu: FedProx coefficient mu of (mu/2)||w - w_global||^2 (0 = off); its gradient is
+            added once per logical batch (after the noise under DP-SGD: it is data-free).
         generator: the hospital's seeded RNG: shuffling, masks, rotations, augmentations (reproducible).
         secret_generator: under DP-SGD, the source of the Poisson batches and the Gaussian noise.
             None (what a site always uses) = a fresh one seeded from ``os.urandom``
@@ -158,8 +168,41 @@ def train_local(
     """
     with flush_denormals():
         return _train_local(model, objective, data, dataset, spec, generator=generator,
-                            secret_generator=secret_generator, optimizer_state=optimizer_state, ledger=ledger,
-                            on_step=on_step)
+                            secret_generator=secret_generator, proximal_mu=proximal_mu,
+                            optimizer_state=optimizer_state, ledger=ledger, on_step=on_step)
+
+
+def train_pooled(model: Medformer, objective: PretextObjective, data: Mapping[str, MedMNISTSplit],
+                 steps: Mapping[str, int], spec: TrainingSpec, *, generators: Mapping[str, torch.Generator]
+                 ) -> dict[str, float]:
+    """Centralized pretraining: one model and optimizer over several datasets' pooled training data.
+
+    Dataset d's ``steps[d]`` batches are interleaved in proportion (its i-th batch sits at
+    (i + 0.5) / steps[d] of the run), each drawn as train_local walks its data (reshuffled every
+    pass) from ``generators[d]``, which also draws that dataset's masks and rotations. Plain
+    training only: this is the pooled-data baseline no federation can run (data never leaves a site).
+
+    Returns:
+        Each dataset's mean pretext loss.
+    """
+    model.train()
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], spec)
+    schedule = sorted(((i + 0.5) / n, j, d) for j, (d, n) in enumerate(steps.items()) for i in range(n))
+    batches = {d: _shuffled_batches(len(data[d]), spec.batch_size, steps[d], generators[d]) for d in steps}
+    sums = {d: [0.0, 0] for d in steps}
+    with flush_denormals():
+        for _, _, d in schedule:
+            idx, _ = next(batches[d])
+            x, _ = data[d].batch(idx)
+            loss, _ = objective(model, x, d, generators[d])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"centralized pretext loss became {loss.item()} on {d}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums[d][0] += loss.item()
+            sums[d][1] += 1
+    return {d: s / max(n, 1) for d, (s, n) in sums.items()}
 
 
 def _denormals_flushed() -> bool:
@@ -182,8 +225,8 @@ def flush_denormals():
         torch.set_flush_denormal(before)
 
 
-def _train_local(model, objective, data, dataset, spec, *, generator, secret_generator, optimizer_state, ledger,
-                 on_step):
+def _train_local(model, objective, data, dataset, spec, *, generator, secret_generator, proximal_mu,
+                 optimizer_state, ledger, on_step):
     n = len(data)
     if n == 0:
         raise ValueError(f"hospital data for {dataset} is empty")
@@ -191,7 +234,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
     optimizer = make_optimizer(params, spec)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
-    anchor = [p.detach().clone() for p in params] if spec.proximal_mu > 0 else None
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     steps = spec.steps(n)
     model.train()
 
@@ -213,7 +256,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
         def after_noise(opt: DPOptimizer) -> None:
             ledger.record_step()
             if anchor is not None:
-                _add_proximal_grad(params, anchor, spec.proximal_mu)
+                _add_proximal_grad(params, anchor, proximal_mu)
 
         optimizer.attach_step_hook(after_noise)
         batches = _poisson_batches(n, plan.sample_rate, steps, secret)  # secret: membership of a batch is private
@@ -229,7 +272,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
             chunks = [idx[i : i + physical] for i in range(0, len(idx), physical)]
             step_loss = 0.0
             if not chunks:  # an empty Poisson batch still takes a (pure-noise) step
-                _empty_step(optimizer, params)
+                empty_step(optimizer, params)
             for c, chunk in enumerate(chunks):
                 x, _ = data.batch(chunk)
                 w = len(chunk) / len(idx)
@@ -241,8 +284,8 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
                 loss, parts = chunk_backward(objective, model, x, dataset, generator, clipper, weight=w)
                 if dp:
                     optimizer.signal_skip_step(do_skip=not last)
-                elif anchor is not None:
-                    _add_proximal_grad(params, anchor, spec.proximal_mu)
+                elif last and anchor is not None:  # once per logical batch, not once per chunk
+                    _add_proximal_grad(params, anchor, proximal_mu)
                 if dp or last:
                     optimizer.step()
                 step_loss += loss.item() * w
@@ -257,9 +300,9 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
     finally:
         if clipper is not None:
             clipper.close()  # remove hooks: the model is reused plain (evaluation, next round)
-            _forget_dp_state(model)
+            forget_dp_state(model)
     seconds = time.perf_counter() - start
-    result = LocalTrainResult(
+    result = TrainResult(
         num_examples=n, steps=steps, seconds=seconds, images_per_second=seen / max(seconds, 1e-9),
         loss=loss_sum / max(seen, 1), task_losses={k: v / max(seen, 1) for k, v in task_sums.items()},
         epsilon=ledger.epsilon() if ledger is not None else None,
@@ -286,66 +329,3 @@ def chunk_backward(objective: PretextObjective, model: Medformer, x: torch.Tenso
     return loss, parts
 
 
-def _empty_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
-    """DP step on an empty Poisson batch: zero per-sample gradients, so the update is noise only."""
-    # Clear the previous step's clipped sum first: left in place, Opacus would refuse the step
-    # ("Gradients haven't been cleared") or, worse, release that batch's gradient a second time.
-    optimizer.zero_grad(set_to_none=True)
-    for p in params:
-        if isinstance(optimizer, DPOptimizerFastGradientClipping):
-            p.grad = torch.zeros_like(p)  # the clipped sum of no samples
-        else:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-    optimizer.step()
-
-
-# --------------------------------------------------------------------------------------------------
-# DP-SGD: per-sample clipping + the Opacus optimizer that noises, scales and steps
-# --------------------------------------------------------------------------------------------------
-class HooksClipping:
-    """Opacus's GradSampleModule: hooks materialise per-sample gradients; the DPOptimizer clips them.
-
-    Same interface as :class:`~medformer.dp_clipping.GhostClipper` (``recording``, ``backward``, ``close``).
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.gsm = GradSampleModule(model, loss_reduction="mean")
-
-    def recording(self):
-        return nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def close(self) -> None:
-        self.gsm._close()
-
-
-def make_dp_sgd(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, clipping: str, noise_multiplier: float,
-    max_grad_norm: float, expected_batch_size: int, generator: torch.Generator,
-) -> tuple[DPOptimizer, GhostClipper | HooksClipping]:
-    """DP-SGD around ``optimizer``: the clipper of the chosen kind and the DPOptimizer that sums the
-    chunks' clipped gradients, adds N(0, (noise_multiplier * max_grad_norm)^2) noise to the sum and
-    divides by ``expected_batch_size`` (Poisson sampling), then steps.
-
-    ``generator`` draws the noise: a secret one (``medformer.seeding.secret_generator``) for any
-    release. Opacus's ``secure_mode`` draws each noise value as the scaled sum of four Gaussians,
-    which defeats the floating-point attacks on a single Gaussian sample (Holohan & Braghin 2021).
-    """
-    common = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                  expected_batch_size=expected_batch_size, generator=generator, secure_mode=True)
-    if clipping == "ghost":
-        # Gets p.grad = the chunk's clipped sum from the clipper; noises and scales like DPOptimizer.
-        return DPOptimizerFastGradientClipping(optimizer, **common), GhostClipper(model, max_grad_norm)
-    if clipping == "hooks":
-        return DPOptimizer(optimizer, **common), HooksClipping(model)
-    raise ValueError(f"unknown dp_clipping {clipping!r}; choose from {', '.join(DP_CLIPPING)}")
-
-
-def _forget_dp_state(model: torch.nn.Module) -> None:
-    """Drop what Opacus leaves on the parameters (per-sample and summed gradients, counters)."""
-    for p in model.parameters():
-        for attr in ("grad_sample", "summed_grad", "_current_grad_sample", "_forward_counter"):
-            if hasattr(p, attr):
-                delattr(p, attr)

@@ -23,8 +23,6 @@ bound on leakage, not a proof of privacy: DP's epsilon bounds every attack, this
 """
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,7 +31,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from medformer.data import MedMNISTSplit
 from medformer.model import Medformer
-from medformer.pretext import MaskedReconstruction, PretextObjective, RotationPrediction, num_rotations
+from medformer.pretext import PretextObjective
+from medformer.seeding import derived_seed
 
 
 @dataclass(frozen=True)
@@ -63,10 +62,6 @@ class AuditResult:
         return asdict(self)
 
 
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
 @torch.no_grad()
 def pretext_scores(model: Medformer, objective: PretextObjective, images: torch.Tensor, dataset: str, *,
                    views: int = 8, seed: int = 0, batch_size: int = 256) -> np.ndarray:
@@ -77,37 +72,24 @@ def pretext_scores(model: Medformer, objective: PretextObjective, images: torch.
         objective: the tasks and weights the model was trained with.
         images: float images in [-1, 1].
         dataset: the MedMNIST flag of ``images``.
-        views: fixed random views per stochastic task (MAE masks, two-view augmentations); rotation
-            always uses every rotation class.
-        seed: fixes the views; the same seed gives every image the same masks.
+        views: fixed random views per stochastic task (``PretextTask.fixed_view_losses``: the same MAE
+            masks for every image, every rotation class, seeded augmentations for two-view tasks).
+        seed: fixes the views.
         batch_size: images per forward pass.
     """
     model.eval()
     n = images.shape[0]
     total = torch.zeros(n, dtype=torch.float64)
-    ndim = images.dim() - 2
     for name, task in objective.tasks.items():
         acc = torch.zeros(n, dtype=torch.float64)
-        if isinstance(task, RotationPrediction):
-            count = num_rotations(ndim)
-            runs: list[Callable[[torch.Tensor, int], torch.Tensor]] = [
-                (lambda x, b, c=c: task.losses(model, x, dataset, labels=torch.full((x.shape[0],), c)))
-                for c in range(count)]
-        elif isinstance(task, MaskedReconstruction):
-            tokens = model.patch_tokens(images[:1], dataset).shape[1]
-            masks = [torch.rand(tokens, generator=torch.Generator().manual_seed(_seed(seed, name, v)))
-                     for v in range(views)]
-            runs = [(lambda x, b, m=m: task.losses(model, x, dataset, noise=m.expand(x.shape[0], -1)))
-                    for m in masks]
-        else:  # two-view tasks: a seeded generator per (view, batch) fixes the augmentations
-            runs = [(lambda x, b, v=v: task.losses(
-                model, x, dataset, generator=torch.Generator().manual_seed(_seed(seed, name, v, b))))
-                for v in range(views)]
-        for b, start in enumerate(range(0, n, batch_size)):
+        count = 0
+        for start in range(0, n, batch_size):
             x = images[start : start + batch_size]
-            for run in runs:
-                acc[start : start + len(x)] += run(x, b).double()
-        total += objective.weights[name] * acc / len(runs)
+            terms = task.fixed_view_losses(model, x, dataset, views=views, seed=seed)
+            count = len(terms)
+            for t in terms:
+                acc[start : start + len(x)] += t.double()
+        total += objective.weights[name] * acc / max(count, 1)
     return total.numpy()
 
 
@@ -178,7 +160,7 @@ def membership_audit(model: Medformer, objective: PretextObjective, *, members: 
         The attack's AUC and TPR at 1% FPR (plus the uncalibrated loss attack's AUC).
     """
     k = min(len(members), len(non_members), int(max_examples))
-    rng = np.random.default_rng(_seed(seed, "audit", dataset) % 2**32)
+    rng = np.random.default_rng(derived_seed(seed, "audit", dataset) % 2**32)
     im, in_ = _matched_indices(members, non_members, k, rng)
     if len(im) < 2:
         raise ValueError(f"need at least 2 members and 2 non-members of the same classes, got {len(members)} "

@@ -1,4 +1,5 @@
-"""DP-SGD's per-sample clipping without per-sample gradients of the Linear layers ("ghost clipping").
+"""DP-SGD's per-sample clipping: ghost clipping (no per-sample gradients of the Linear layers) and
+Opacus's hooks.
 
 DP-SGD needs each sample's gradient norm over all parameters jointly, then the sum of the sample
 gradients each scaled by c_i = min(1, C / (norm_i + 1e-6)). Opacus's hooks materialise every
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,10 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from torch import nn
 
 Grads = dict[nn.Parameter, torch.Tensor]
+
+#: The two exact per-sample clipping methods: ``ghost`` (:class:`GhostClipper`, the default) and
+#: ``hooks`` (:class:`HooksClipping`, Opacus's GradSampleModule).
+DP_CLIPPING: tuple[str, ...] = ("ghost", "hooks")
 
 
 @dataclass
@@ -256,3 +261,22 @@ def _materialised(layer: nn.Module, uses: list[_Use], batch: int, trainable: set
         return {p: factor @ gs.reshape(batch, -1) for p, gs in per_sample.items()}
 
     return _Contribution(sq, clipped_sums)
+
+
+class HooksClipping:
+    """Opacus's GradSampleModule: hooks materialise per-sample gradients; the DPOptimizer clips them.
+
+    Same interface as :class:`GhostClipper` (``recording``, ``backward``, ``close``).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.gsm = GradSampleModule(model, loss_reduction="mean")
+
+    def recording(self):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def close(self) -> None:
+        self.gsm._close()

@@ -183,10 +183,3 @@ class PrivacyLedger:
 def history_steps(state_json: str | None) -> int:
     """DP steps recorded in an accountant state ``{"history": [[sigma, q, steps], ...]}`` (JSON); -1 for none."""
     return sum(int(h[2]) for h in json.loads(state_json)["history"]) if state_json else -1
-
-
-def steps_for(num_examples: int, batch_size: int, local_epochs: float, local_steps: int | None) -> int:
-    """Local steps one round takes: ``local_steps`` if set, else epochs x ceil-batches per epoch."""
-    if local_steps is not None:
-        return int(local_steps)
-    return max(1, math.ceil(local_epochs * num_examples / batch_size))

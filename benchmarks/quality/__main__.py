@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.quality import main
+
+sys.exit(main())

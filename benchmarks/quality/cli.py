@@ -1,0 +1,197 @@
+"""Learning quality: does federated self-supervision pay off, and how close does it get to centralized?
+
+    python -m benchmarks.quality --data-dir ../shared/data/medmnist            # full (hours; resumable)
+    python -m benchmarks.quality --quick --data-dir ../shared/data/medmnist    # every row, tiny settings
+
+One row per (method, dataset, seed), test AUC / ACC with MedMNIST's official metrics
+(``medformer.eval``), appended to ``results/quality-<preset>.jsonl`` as soon as it is done, so
+a long run can be stopped (Ctrl-C, kill) and continued by rerunning the same command. Pretrained
+weights are cached under ``results/cache/`` (``*.pt``, not committed) for the same reason.
+
+Methods:
+  random_init         linear probe of an untrained Medformer (same architecture and seed)
+  local_only          each hospital pretrains alone: the federation's rounds with the averaging
+                      step removed (same local steps, same batches, same round seeds)
+  federated           keyed FedAvg over the hospitals of the five-hospitals scenario, then linear
+                      probe and fine-tune (all labels)
+  centralized         one model, one optimizer, the pooled data: the federation's batches (the same
+                      number of steps per dataset) interleaved round-robin in one process
+  supervised_scratch  the same model fine-tuned from random init on all labels
+  label_efficiency    fine-tune on 1% and 10% of the labels, federated init vs random init (the
+                      100% points are the ``federated`` fine-tune and ``supervised_scratch`` rows)
+
+The federation runs in-process, without Flower's messages but with the product's round: each round
+every site runs ``client.round.train_round`` (what its ClientApp runs) on the instructions
+``server.instructions.Instructor`` builds, and the server combines the replies with
+``server.rounds.Aggregator`` (what ``server.strategy.KeyedFedAvg`` runs). See ``experiment.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, DATASETS, RESULTS, command_line, fmt_seconds, load_average,
+                               machine_info, now, write_atomic, write_result)
+from benchmarks.quality.experiment import METHODS, PRESETS, PRETRAINED, QUICK_LABEL, Experiment, append_row, read_rows
+from benchmarks.quality.plan import plan
+from benchmarks.quality.summary import evaluate_targets, render_markdown, summarize
+from config import ScenarioError
+from medformer.data import DataError, resolve_data_dir
+
+log = logging.getLogger("benchmarks.quality")
+
+
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model, a few steps, 1 seed: exercises every row fast")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2; quick: 0)")
+    p.add_argument("--datasets", default=",".join(DATASETS),
+                   help="hospitals of the federation and datasets evaluated (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS), help="rows to run (default: %(default)s)")
+    p.add_argument("--rounds", type=int, help="override the preset's federated rounds")
+    p.add_argument("--data-dir", help="MedMNIST folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
+    p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (default: %(default)s)")
+    p.add_argument("--summary-only", action="store_true", help="rewrite the summary from the JSONL; run nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print the work of the requested rows and an estimated wall time; run nothing")
+    p.add_argument("--no-report", action="store_true", help="do not regenerate benchmarks/README.md")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every fine-tune epoch and pretraining round")
+    return p.parse_args(argv)
+
+
+def _csv(text: str, valid: Sequence[str] | None, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    problem = None
+    if not items:
+        problem = f"--{what} is empty"
+    elif valid is not None and [x for x in items if x not in valid]:
+        bad = [x for x in items if x not in valid]
+        problem = f"unknown --{what} {', '.join(bad)}; choose from {', '.join(valid)}"
+    elif valid is None and not all(x.lstrip("-").isdigit() for x in items):
+        problem = f"--{what} must be comma-separated integers, got {text!r}"
+    if problem:
+        print(f"quality: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return list(dict.fromkeys(items))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for name in ("medformer.evaluation", "medformer.training"):
+        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    t_start = time.perf_counter()
+    preset_name = "quick" if args.quick else "full"
+    preset = PRESETS[preset_name]
+    if args.rounds is not None:
+        preset = dataclasses.replace(preset, sets=tuple(s for s in preset.sets if not s.startswith("training.rounds="))
+                                     + (f"training.rounds={args.rounds}",))
+    seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"), None, "seeds")]
+    datasets = _csv(args.datasets, DATASETS, "datasets")
+    methods = _csv(args.methods, METHODS, "methods")
+    torch.set_num_threads(max(1, args.threads))
+    out = Path(args.out)
+    try:
+        data_dir = str(resolve_data_dir(args.data_dir))
+        exp = Experiment(preset_name, preset, datasets, data_dir, out)
+        for d in datasets:  # every file found and MD5-checked before hours of work, not midway
+            exp.splits(d)
+    except (DataError, ScenarioError) as e:
+        print(f"quality: error: {e}", file=sys.stderr)
+        return 2
+    if args.plan:
+        pl = plan(exp, seeds, methods, out / "systems.json")
+        pl.update({"preset": preset_name, "fingerprint": exp.fingerprint, "threads": torch.get_num_threads(),
+                   "command": command_line(), "machine": machine_info(), "finished_at": now()})
+        print(json.dumps(pl, indent=2))
+        if set(datasets) == set(DATASETS) and set(methods) == set(METHODS):  # the plan the README quotes
+            path = out / f"quality-{preset_name}-plan.json"
+            write_atomic(path, json.dumps(pl, indent=2) + "\n")
+            print(f"wrote {path}", file=sys.stderr)
+        for which in ("best", "median"):
+            if f"estimated_seconds_{which}" in pl:
+                print(f"estimated wall time at the {which} measured FLOP rate: "
+                      f"{fmt_seconds(pl[f'estimated_seconds_{which}'])}", file=sys.stderr)
+        return 0
+    jsonl = out / f"quality-{preset_name}.jsonl"
+    rows_all = read_rows(jsonl)
+    mine = {(r["method"], r["dataset"], r["seed"]): r for r in rows_all if r.get("fingerprint") == exp.fingerprint}
+    others = len(rows_all) - len(mine)
+    if others:
+        log.info("%s: %d rows of other settings (fingerprints) are kept but not used", jsonl.name, others)
+    todo = [(m, d, s) for s in seeds for m in methods for d in datasets if (m, d, s) not in mine]
+    log.info("quality (%s, fingerprint %s): %d rows done, %d to run; %d threads; data %s", preset_name,
+             exp.fingerprint, len(mine), 0 if args.summary_only else len(todo), torch.get_num_threads(), data_dir)
+    interrupted = False
+    if not args.summary_only:
+        for i, (method, dataset, seed) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            try:
+                metrics = exp.run_row(method, dataset, seed)
+            except KeyboardInterrupt:
+                interrupted = True
+                log.warning("interrupted; %d rows saved in %s; rerun the same command to continue", i - 1, jsonl)
+                break
+            row = {"fingerprint": exp.fingerprint, "preset": preset_name, "method": method, "dataset": dataset,
+                   "seed": seed, "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),
+                   "threads": torch.get_num_threads(), "load_average": load_average(), "finished_at": now()}
+            append_row(jsonl, row)
+            mine[(method, dataset, seed)] = row
+            cells = " ".join(f"{k} auc {v['auc']:.3f}" for k, v in metrics.items() if isinstance(v, dict) and "auc" in v)
+            log.info("[%d/%d] %s %s seed %d: %s (%s)", i, len(todo), method, dataset, seed, cells,
+                     fmt_seconds(row["seconds"]))
+
+    rows = [r for r in mine.values() if r["dataset"] in datasets]
+    expected = {(m, d, s) for s in seeds for m in methods for d in datasets} | {k for k in mine if k[1] in datasets}
+    complete = all((m, d, s) in mine for s in seeds for m in METHODS for d in datasets)
+    summary = summarize(rows, datasets)
+    compute = {"rows (sum of row wall times)": sum(r["seconds"] for r in rows)}
+    for method in PRETRAINED:
+        path = out / "cache" / f"quality-{preset_name}-{exp.fingerprint}"
+        secs = [json.loads(torch.load(f, weights_only=True)["log"]).get("seconds", 0.0)
+                for f in sorted(path.glob(f"{method}-seed*.pt"))] if path.exists() else []
+        if secs:
+            compute[f"{method} pretraining, per seed"] = sum(secs) / len(secs)
+    compute["this invocation"] = time.perf_counter() - t_start
+    payload = {
+        "benchmark": "quality", "preset": preset_name, "quick": args.quick,
+        "label": QUICK_LABEL if args.quick else "full benchmark",
+        "machine": machine_info(), "command": command_line(), "seeds": summary["seeds"], "datasets": datasets,
+        "methods": list(METHODS), "fingerprint": exp.fingerprint, "settings": exp.describe(),
+        "federation_note": "in-process, without Flower's messages: per round every site runs the product's "
+                           "client.round.train_round and the server the product's server.rounds.Aggregator "
+                           "(what KeyedFedAvg runs in `medfl run`)",
+        "rows_done": len(rows), "rows_expected": len(expected),
+        "complete": complete, "interrupted": interrupted,
+        "wall_seconds": compute["rows (sum of row wall times)"], "compute": compute, "finished_at": now(),
+        "anchors": {d: ANCHORS[d] for d in datasets}, "anchor_source": ANCHOR_SOURCE,
+        "summary": summary, "rows_file": str(jsonl.relative_to(out)) if jsonl.is_relative_to(out) else str(jsonl),
+    }
+    payload["targets"] = evaluate_targets(summary, datasets, compute["rows (sum of row wall times)"], complete,
+                                          args.quick)
+    js, md = write_result(out, f"quality-{preset_name}", payload, render_markdown(payload))
+    log.info("wrote %s and %s (%s this invocation)", js, md, fmt_seconds(compute["this invocation"]))
+    if not args.no_report and out.resolve() == RESULTS.resolve():
+        from benchmarks import report
+        with contextlib.suppress(Exception):
+            report.main([])
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The quality benchmark's experiment: its settings (presets), data, pretrainings and rows.
+
+Every pretraining runs the product: the federation's rounds are ``client.round.train_round`` at
+each site and ``server.rounds.Aggregator`` on the server (local-only drops the averaging); the
+centralized baseline is ``medformer.train.train_pooled``; probes and fine-tunes are
+``medformer.eval``. Nothing here trains or aggregates by itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import REPO, load_average
+from client.round import train_round
+from config import Scenario, ScenarioError, load_scenario
+from medformer.data import MedMNISTSplit, load_splits
+from medformer.eval import fine_tune, label_subset, linear_probe, random_init_reference
+from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
+from medformer.pretext import PretextObjective, build_pretext_model
+from medformer.seeding import round_seed
+from medformer.train import train_pooled
+from server.aggregation import Update
+from server.instructions import Instructor
+from server.strategy import make_aggregator
+
+log = logging.getLogger("benchmarks.quality")
+
+METHODS: tuple[str, ...] = ("random_init", "local_only", "federated", "centralized", "supervised_scratch",
+                            "label_efficiency")
+PRETRAINED = ("local_only", "federated", "centralized")
+QUICK_LABEL = "QUICK MODE: tiny model and a few steps; checks that every row runs, NOT for the numbers"
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that decides the numbers (its hash names the experiment in the JSONL).
+
+    Args:
+        scenario: the federation's scenario YAML (hospitals, model, pretext, local training).
+        sets: ``--set``-style overrides applied to the scenario.
+        fine_tune_epochs: least epochs of every fine-tune (federated init and random init alike).
+        fine_tune_lr: peak head learning rate.
+        fine_tune_encoder_lr: peak encoder learning rate (None: a third of the head's).
+        fine_tune_batch: fine-tune batch size.
+        fine_tune_augment: train fine-tunes on random views (flips, zoom, shift, contrast).
+        max_train_examples: cap on the labelled examples a probe / fine-tune sees (None = all).
+        label_fractions: label shares of the label-efficiency rows (besides 100%).
+        min_steps: every fine-tune takes at least this many optimizer steps (more epochs on small
+            training sets and label subsets), for both inits alike.
+        validations: validation passes per fine-tune (evenly spaced; None = every epoch).
+    """
+
+    scenario: str = "simulations/configs/five-hospitals.yaml"
+    sets: tuple[str, ...] = ("training.rounds=10",)
+    fine_tune_epochs: int = 20
+    fine_tune_lr: float = 1e-3
+    fine_tune_encoder_lr: float | None = None
+    fine_tune_batch: int = 128
+    fine_tune_augment: bool = False
+    max_train_examples: int | None = None
+    label_fractions: tuple[float, ...] = (0.01, 0.1)
+    min_steps: int = 50
+    validations: int | None = None
+
+    def fine_tune_epochs_for(self, n_train: int) -> int:
+        """Epochs of a fine-tune on ``n_train`` labelled examples (the rows and the plan agree)."""
+        return max(self.fine_tune_epochs, math.ceil(self.min_steps / math.ceil(n_train / self.fine_tune_batch)))
+
+    def fine_tune_kwargs(self, seed: int) -> dict[str, Any]:
+        """``medformer.evaluation.fine_tune`` arguments besides the epochs."""
+        return dict(lr=self.fine_tune_lr, encoder_lr=self.fine_tune_encoder_lr, batch_size=self.fine_tune_batch,
+                    augment=self.fine_tune_augment, validations=self.validations, seed=seed,
+                    max_train_examples=self.max_train_examples)
+
+
+PRESETS: dict[str, Preset] = {
+    # Fine-tunes: batch 32 with augmentation and >= 600 steps. Chosen by a one-off calibration (a
+    # scratch script, not kept in the repo) of medformer.evaluation.fine_tune on BreastMNIST from
+    # random init, seed 0, test AUC: 20 epochs x batch 128 plain 0.715; 60 x 32 0.755; + augmentation
+    # 0.784; 100 x 32 augmented 0.810. 1,000 steps did not fit the 3-hour budget with three seeds.
+    "full": Preset(fine_tune_batch=32, fine_tune_encoder_lr=1e-3, fine_tune_augment=True, min_steps=600,
+                   validations=20),
+    "quick": Preset(sets=("model.preset=tiny", "training.rounds=2", "training.local_steps=2",
+                          "training.batch_size=32"),
+                    fine_tune_epochs=1, fine_tune_batch=64, max_train_examples=128, min_steps=2),
+}
+
+
+@dataclass
+class Pretrained:
+    """Encoder weights per dataset after one pretraining method, and what it cost."""
+
+    states: dict[str, dict[str, torch.Tensor]]
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+class Experiment:
+    """The preset, the scenario, the data and the cached pretrainings of one benchmark run."""
+
+    def __init__(self, preset_name: str, preset: Preset, datasets: Sequence[str], data_dir: str, out: Path):
+        self.preset_name, self.preset = preset_name, preset
+        self.datasets = list(datasets)
+        self.data_dir = data_dir
+        self.out = out
+        path = Path(preset.scenario)
+        self.scenario_path = path if path.is_absolute() else REPO / path
+        self.scenario: Scenario = load_scenario(self.scenario_path, list(preset.sets))
+        by_dataset = {h.dataset: h for h in self.scenario.hospitals}
+        missing = [d for d in self.datasets if d not in by_dataset]
+        if missing:
+            raise ScenarioError(f"--datasets {', '.join(missing)}: not a hospital of {self.scenario_path.name} "
+                                f"(it has {', '.join(by_dataset)})")
+        self.hospitals = [by_dataset[d] for d in self.datasets]
+        bad = [h.name for h in self.hospitals if h.partition is not None or h.size != 28]
+        if bad:
+            raise ScenarioError(f"hospitals {', '.join(bad)}: the benchmark takes whole train splits at 28 pixels")
+        sc = self.scenario
+        self.cfg: MedformerConfig = make_config(sc.model.preset, **sc.model.overrides)
+        self.objective = PretextObjective(sc.pretext, mask_ratio=sc.mask_ratio)
+        self.spec = sc.training
+        self.fingerprint = self._fingerprint()
+        self._splits: dict[str, dict[str, MedMNISTSplit]] = {}
+        self._pretrained: dict[tuple[str, int], Pretrained] = {}
+
+    def _fingerprint(self) -> str:
+        blob = json.dumps({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets,
+                           "scenario": self.scenario.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def describe(self) -> dict[str, Any]:
+        sc = self.scenario
+        return {
+            "preset": self.preset_name, **dataclasses.asdict(self.preset),
+            "model": {"preset": sc.model.preset, **dataclasses.asdict(self.cfg)},
+            "pretext": dict(sc.pretext), "mask_ratio": sc.mask_ratio,
+            "federation": {"hospitals": {h.name: h.dataset for h in self.hospitals}, "rounds": sc.training.rounds,
+                           "local_epochs": sc.training.local_epochs, "local_steps": sc.training.local_steps,
+                           "batch_size": sc.training.batch_size, "lr": sc.training.lr,
+                           "optimizer": sc.training.optimizer, "strategy": "keyed FedAvg (example-weighted)"},
+        }
+
+    # ---- data -------------------------------------------------------------------------------------
+    def splits(self, dataset: str) -> dict[str, MedMNISTSplit]:
+        if dataset not in self._splits:
+            self._splits[dataset] = load_splits(dataset, size=28, data_dir=self.data_dir)
+        return self._splits[dataset]
+
+    def steps_per_round(self, dataset: str) -> int:
+        return self.spec.steps(len(self.splits(dataset)["train"]))
+
+    # ---- models -----------------------------------------------------------------------------------
+    def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
+        """The global model at round 0 (as ``server.federation.Federation.initial_arrays``)."""
+        torch.manual_seed(seed)
+        model = build_pretext_model(self.cfg, [(d, 28) for d in self.datasets], self.objective)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def encoder(self, state: dict[str, torch.Tensor], dataset: str) -> Medformer:
+        """A Medformer for ``dataset`` (no head) holding the encoder keys of ``state``."""
+        model = build_medformer(self.cfg, [(dataset, 28)], downstream_heads=False)
+        model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True)
+        return model
+
+    def random_model(self, dataset: str, seed: int) -> Medformer:
+        """The untrained Medformer of ``random_init_reference`` (same seed, same init)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_medformer(self.cfg, [(dataset, 28)], downstream_heads=False)
+
+    # ---- pretraining ------------------------------------------------------------------------------
+    def pretrained(self, method: str, seed: int) -> Pretrained:
+        key = (method, seed)
+        if key in self._pretrained:
+            return self._pretrained[key]
+        for other in [k for k in self._pretrained if k[1] != seed]:  # keep one seed's weights in memory
+            del self._pretrained[other]
+        path = self.out / "cache" / f"quality-{self.preset_name}-{self.fingerprint}" / f"{method}-seed{seed}.pt"
+        if path.exists():
+            blob = torch.load(path, weights_only=True)
+            pre = Pretrained(blob["states"], json.loads(blob["log"]))
+            log.info("pretraining %s seed %d: cached (%s)", method, seed, path.relative_to(self.out))
+        else:
+            t0 = time.perf_counter()
+            if method == "centralized":
+                pre = self._pretrain_centralized(seed)
+            else:
+                pre = self._pretrain_hospitals(seed, aggregate=method == "federated")
+            pre.log["seconds"] = time.perf_counter() - t0
+            pre.log["load_average_after"] = load_average()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"states": pre.states, "log": json.dumps(pre.log)}, tmp)
+            os.replace(tmp, path)
+            log.info("pretraining %s seed %d: %s", method, seed, f"{pre.log['seconds']:.1f} s")
+        self._pretrained[key] = pre
+        return pre
+
+    def _pretrain_hospitals(self, seed: int, *, aggregate: bool) -> Pretrained:
+        """Federated (``aggregate``) or local-only pretraining, with the product's own round: every
+        round each site runs ``client.round.train_round`` on the instructions ``server.instructions``
+        gives it, and the federation combines the replies with ``server.rounds.Aggregator`` (what
+        ``KeyedFedAvg`` does). Local-only: the same rounds, seeds and batches, without the averaging."""
+        sc = dataclasses.replace(self.scenario, seed=seed)
+        rounds = sc.training.rounds
+        glob = {k: v.numpy() for k, v in self.initial_state(seed).items()}
+        aggregator = make_aggregator(sc)
+        instructor = Instructor(sc, data_dir=self.data_dir, privacy_states={})
+        sites = {s.dataset: dataclasses.replace(s, data_dir=self.data_dir) for s in sc.clients()
+                 if s.dataset in self.datasets}
+        keys = {d: list(build_pretext_model(self.cfg, [(d, 28)], self.objective).state_dict()) for d in sites}
+        own: dict[str, dict[str, np.ndarray]] = {}
+        losses: dict[str, list[float]] = {d: [] for d in sites}
+        threads = torch.get_num_threads()
+        for rnd in range(1, rounds + 1):
+            updates, sent = [], {}
+            for d, site in sites.items():
+                source = glob if aggregate or d not in own else own[d]
+                received = {k: source[k] for k in keys[d]}
+                ins = dataclasses.replace(instructor(site, rnd), threads=threads)
+                out = train_round(ins, site, {k: torch.from_numpy(np.array(v)) for k, v in received.items()},
+                                  ledger_state=None, optimizer_state=None)
+                losses[d].append(out.result.loss)
+                state = {k: v.detach().numpy().copy() for k, v in out.trained.items()}
+                if aggregate:
+                    updates.append(Update(site.name, state, out.result.num_examples))
+                    sent[site.name] = received
+                else:
+                    own[d] = state
+            if aggregate:
+                glob = aggregator.combine(glob, sent, updates)
+            log.debug("round %d/%d: %s", rnd, rounds, {d: round(v[-1], 4) for d, v in losses.items()})
+        final = {d: {k: torch.from_numpy(np.array(v)) for k, v in (glob if aggregate else own[d]).items()}
+                 for d in sites}
+        states = {d: self._encoder_keys(final[d], d) for d in sites}
+        steps = {d: rounds * self.steps_per_round(d) for d in sites}
+        return Pretrained(states, {"steps": steps, "loss_per_round": losses, "rounds": rounds})
+
+    def _pretrain_centralized(self, seed: int) -> Pretrained:
+        """One model and optimizer over the pooled data (``medformer.train.train_pooled``): the
+        federation's steps per dataset, interleaved."""
+        rounds = self.scenario.training.rounds
+        model = build_pretext_model(self.cfg, [(d, 28) for d in self.datasets], self.objective)
+        model.load_state_dict(self.initial_state(seed), strict=True)
+        steps = {h.dataset: rounds * self.steps_per_round(h.dataset) for h in self.hospitals}
+        gens = {h.dataset: torch.Generator().manual_seed(round_seed(seed, f"centralized/{h.name}", 0))
+                for h in self.hospitals}
+        torch.manual_seed(round_seed(seed, "centralized", 0) ^ 1)
+        mean_loss = train_pooled(model, self.objective, {d: self.splits(d)["train"] for d in steps}, steps, self.spec,
+                                 generators=gens)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return Pretrained({d: self._encoder_keys(state, d) for d in steps},
+                          {"steps": steps, "mean_loss": mean_loss, "rounds_equivalent": rounds})
+
+    def _encoder_keys(self, state: dict[str, torch.Tensor], dataset: str) -> dict[str, torch.Tensor]:
+        keys = build_medformer(self.cfg, [(dataset, 28)], downstream_heads=False).state_dict()
+        return {k: state[k].clone() for k in keys}
+
+    # ---- rows -------------------------------------------------------------------------------------
+    def run_row(self, method: str, dataset: str, seed: int) -> dict[str, Any]:
+        p = self.preset
+        splits = self.splits(dataset)
+        cap = p.max_train_examples
+        ft = p.fine_tune_kwargs(seed)
+
+        def all_labels(model: Medformer) -> dict[str, float]:
+            n = len(label_subset(splits["train"].labels, splits["train"].info.task, max_examples=cap, seed=seed))
+            return _numbers(fine_tune(model, splits, dataset, **ft, epochs=p.fine_tune_epochs_for(n)))
+
+        if method == "random_init":
+            return {"linear_probe": _numbers(random_init_reference(self.cfg, (dataset, 28), splits, seed,
+                                                                   max_train_examples=cap))}
+        if method == "supervised_scratch":
+            return {"fine_tune": all_labels(self.random_model(dataset, seed))}
+        if method == "label_efficiency":
+            out = {}
+            fed = self.encoder(self.pretrained("federated", seed).states[dataset], dataset)
+            for fraction in p.label_fractions:
+                n = len(label_subset(splits["train"].labels, splits["train"].info.task, fraction=fraction,
+                                     max_examples=cap, seed=seed))
+                for init, model in (("federated", fed), ("random", self.random_model(dataset, seed))):
+                    out[f"{init}@{fraction:g}"] = _numbers(fine_tune(model, splits, dataset,
+                                                                     **{**ft, "epochs": p.fine_tune_epochs_for(n)},
+                                                                     label_fraction=fraction))
+            return out
+        pre = self.pretrained(method, seed)
+        model = self.encoder(pre.states[dataset], dataset)
+        out = {"linear_probe": _numbers(linear_probe(model, splits, dataset, seed=seed, max_train_examples=cap)),
+               "pretrain": {"steps": pre.log["steps"][dataset], "seconds_all_hospitals": pre.log.get("seconds")}}
+        if method == "federated":
+            out["fine_tune"] = all_labels(model)
+        return out
+
+
+def _numbers(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write: that row is simply redone
+                log.warning("%s line %d is not valid JSON (interrupted write?); ignored", path.name, i)
+    return rows
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

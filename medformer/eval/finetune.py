@@ -1,0 +1,166 @@
+"""End-to-end fine-tuning of a copy of a Medformer with a downstream head: AdamW, cosine schedule,
+optional augmentation, model selection on the validation split, test scored once."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from medformer.data import MedMNISTSplit, get_info, random_view
+from medformer.eval.features import check_splits, device_of, predict_scores
+from medformer.eval.metrics import head_loss, label_subset, official_metrics, selection_key
+from medformer.layers import init_weights
+from medformer.model import Medformer, TaskHead
+
+log = logging.getLogger(__name__)
+
+def fine_tune(
+    model: Medformer,
+    splits: Mapping[str, MedMNISTSplit],
+    dataset: str,
+    *,
+    epochs: int = 5,
+    lr: float = 1e-3,
+    encoder_lr: float | None = None,
+    batch_size: int = 128,
+    label_fraction: float = 1.0,
+    weight_decay: float = 0.05,
+    seed: int = 0,
+    max_train_examples: int | None = None,
+    augment: bool = False,
+    validations: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """End-to-end fine-tuning of a copy of ``model`` with the downstream head of ``dataset``.
+
+    AdamW (no decay on 1-D parameters), cosine learning-rate decay per step, validation after each
+    epoch; the weights of the epoch with the best validation AUC are scored on test. A model
+    without an ``outputs.<dataset>`` head gets a fresh one (seeded).
+
+    Args:
+        model: Medformer built for ``dataset``; never modified.
+        splits: ``{"train", "val", "test"}`` splits of ``dataset``.
+        dataset: MedMNIST flag.
+        epochs: passes over the (subsampled) train split.
+        lr: peak learning rate of the head.
+        encoder_lr: peak learning rate of the encoder (inputs, latents, body); default ``lr / 3``.
+        batch_size: training batch size (evaluation batches may be larger).
+        label_fraction: share of train labels used (class-stratified, >= 1 per class).
+        weight_decay: AdamW decoupled weight decay.
+        seed: seeds the label subset, a new head's init and the shuffling.
+        max_train_examples: optional cap on train examples (stratified too).
+        augment: train on random views (``medformer.data.random_view``: flips, mild zoom and shift,
+            contrast jitter); on a few hundred labels it is the main guard against overfitting.
+        validations: validate after this many evenly spaced epochs (always including the last)
+            instead of after every epoch; long fine-tunes of tiny label subsets would otherwise
+            spend most of their time on validation.
+        progress: called after every epoch with ``{epoch, train_loss, val_auc, val_acc}``.
+
+    Returns:
+        ``auc``, ``acc`` (test, official), ``val_auc``, ``val_acc``, ``epochs``, ``best_epoch``,
+        ``n_train``, ``seconds``.
+    """
+    t0 = time.perf_counter()
+    check_splits(splits, dataset)
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    info = get_info(dataset)
+    task = info.task
+    train = splits["train"]
+    train = train.subset(label_subset(train.labels, task, fraction=label_fraction,
+                                      max_examples=max_train_examples, seed=seed))
+    n = len(train)
+    gen = torch.Generator().manual_seed(seed)
+
+    net = copy.deepcopy(model)
+    net.info(dataset)  # KeyError naming the model's datasets
+    device = device_of(net)
+    if dataset not in net.outputs:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = TaskHead(net.cfg, info.num_outputs)
+            head.apply(init_weights)
+        net.outputs[dataset] = head.to(device)
+
+    # Only the parts on this dataset's path train; everything else stays frozen.
+    prefixes = (f"inputs.{info.input_kind}.", f"latents.{dataset}.", "body.")
+    head_prefix = f"outputs.{dataset}."
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in net.named_parameters():
+        is_head = name.startswith(head_prefix)
+        if not (is_head or name.startswith(prefixes)):
+            p.requires_grad_(False)
+            continue
+        p.requires_grad_(True)
+        groups.setdefault((is_head, p.ndim >= 2), []).append(p)
+    enc_lr = lr / 3 if encoder_lr is None else encoder_lr
+    optim = torch.optim.AdamW(
+        [{"params": ps, "lr": lr if is_head else enc_lr, "weight_decay": weight_decay if decay else 0.0}
+         for (is_head, decay), ps in groups.items()],
+        lr=lr, weight_decay=weight_decay,
+    )
+    steps_per_epoch = math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=epochs * steps_per_epoch)
+
+    best_key: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] = {}
+    best_epoch, best_val = 0, {"auc": math.nan, "acc": math.nan}
+    validate_at = validation_epochs(epochs, validations)
+    for epoch in range(1, epochs + 1):
+        net.train()
+        order = torch.randperm(n, generator=gen).numpy()
+        total = 0.0
+        for s in range(0, n, batch_size):
+            x, y = train.batch(order[s : s + batch_size])  # [B, C, *S], [B, L]
+            if augment:
+                x = random_view(x, gen)
+            loss = head_loss(net(x.to(device), dataset), y.to(device), task).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tune loss is {loss.item()} at epoch {epoch} on {dataset}; lower lr")
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            total += loss.item() * x.shape[0]
+        if epoch not in validate_at:
+            continue
+        net.eval()
+        val = official_metrics(splits["val"].labels,
+                               predict_scores(net, splits["val"], dataset, task, batch_size=max(batch_size, 256)), task)
+        stats = {"epoch": epoch, "train_loss": total / n, "val_auc": val["auc"], "val_acc": val["acc"]}
+        log.info("fine-tune %s epoch %d/%d: loss %.4f val auc %.4f acc %.4f",
+                 dataset, epoch, epochs, stats["train_loss"], val["auc"], val["acc"])
+        if progress is not None:
+            progress(stats)
+        if best_key is None or selection_key(val) > best_key:
+            best_key, best_epoch, best_val = selection_key(val), epoch, val
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    net.load_state_dict(best_state)
+    net.eval()
+    test = official_metrics(splits["test"].labels,
+                            predict_scores(net, splits["test"], dataset, task, batch_size=max(batch_size, 256)), task)
+    result = {
+        "auc": test["auc"], "acc": test["acc"], "val_auc": best_val["auc"], "val_acc": best_val["acc"],
+        "epochs": epochs, "best_epoch": best_epoch, "n_train": n, "seconds": time.perf_counter() - t0,
+    }
+    log.info("fine-tune %s: test auc %.4f acc %.4f (best epoch %d/%d, n_train=%d, %.1fs)",
+             dataset, result["auc"], result["acc"], best_epoch, epochs, n, result["seconds"])
+    return result
+
+
+def validation_epochs(epochs: int, validations: int | None) -> set[int]:
+    """The epochs (1-based) after which ``fine_tune`` validates: evenly spaced, the last included."""
+    if validations is None or validations >= epochs:
+        return set(range(1, epochs + 1))
+    if validations < 1:
+        raise ValueError(f"validations must be >= 1, got {validations!r}")
+    return {math.ceil(k * epochs / validations) for k in range(1, validations + 1)}

@@ -1,0 +1,1 @@
+"""Small tools shared by the deployment launcher, the sweeps and the benchmarks."""
