@@ -127,7 +127,8 @@ def command_line() -> str:
     """How this process was started, as a shell command a reader can rerun."""
     argv = list(sys.argv)
     if argv and argv[0].endswith(".py") and "benchmarks" in argv[0]:
-        argv[0] = "-m benchmarks." + Path(argv[0]).stem
+        path = Path(argv[0])  # benchmarks/<name>.py, or benchmarks/<name>/__main__.py for a package
+        argv[0] = "-m benchmarks." + (path.parent.name if path.name == "__main__.py" else path.stem)
     return "python " + " ".join(shlex.quote(a) if not a.startswith("-m benchmarks.") else a for a in argv)
 
 

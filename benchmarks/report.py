@@ -59,7 +59,10 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
                                                              "10% labels: fed vs random (FT)"], rows), ""]
     lines += [f"LP = linear probe on the frozen encoder, FT = fine-tune. ResNet-18 = ResNet-18 (28) in 2D, "
               f"ResNet-18+3D in 3D ({ANCHOR_SOURCE}). Federated = keyed FedAvg over the five hospitals, run "
-              "in-process (same maths as `medfl run`, minus messaging).", ""]
+              "in-process on the product's own code: every round each site runs `client.round.train_round` (what "
+              "its ClientApp runs) and the server combines the replies with `server.rounds.Aggregator` (what "
+              "`KeyedFedAvg` runs); local-only skips the averaging; centralized is `medformer.train.train_pooled`; "
+              "probes and fine-tunes are `medformer.eval` (`tests/test_house.py` checks the calls).", ""]
     met = [t for t in q["targets"] if t["status"] == "met"]
     missed = [t for t in q["targets"] if t["status"] == "missed"]
     lines += [f"Targets{' (quick mode: meaningless)' if quick else ''}: {len(met)} met, {len(missed)} missed, "

@@ -318,6 +318,20 @@ def test_chunking_gives_the_same_update(data, mode: str) -> None:
         assert r_chunked.epsilon == math.inf
 
 
+def test_fedprox_term_is_added_once_per_logical_batch(data) -> None:
+    """Plain training, batch 32 in chunks of 8: the proximal gradient mu (w - w_global) belongs to the
+    logical batch, so chunking must not change the weights (it once counted the term per chunk)."""
+    objective = _image_keyed_objective()
+    weights = {}
+    for chunk in (32, 8):
+        model = _model(objective)
+        spec = TrainingSpec(batch_size=32, local_steps=3, lr=0.1, optimizer="sgd", weight_decay=0.0,
+                            max_physical_batch=chunk)
+        train_local(model, objective, data, FLAG, spec, generator=torch.Generator().manual_seed(3), proximal_mu=0.1)
+        weights[chunk] = _weights(model)
+    torch.testing.assert_close(weights[8], weights[32], rtol=1e-5, atol=1e-6)
+
+
 def test_dp_with_full_sampling_equals_plain_training(data) -> None:
     """q = 1 (every record in every batch), no noise, no clipping: train_local DP == plain."""
     objective = _image_keyed_objective()

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    for name in ("medformer.evaluation", "medformer.training"):
+    for name in ("medformer.eval.probe", "medformer.eval.finetune", "medformer.train"):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
     t_start = time.perf_counter()
     preset_name = "quick" if args.quick else "full"

@@ -78,7 +78,7 @@ class Preset:
         return max(self.fine_tune_epochs, math.ceil(self.min_steps / math.ceil(n_train / self.fine_tune_batch)))
 
     def fine_tune_kwargs(self, seed: int) -> dict[str, Any]:
-        """``medformer.evaluation.fine_tune`` arguments besides the epochs."""
+        """``medformer.eval.fine_tune`` arguments besides the epochs."""
         return dict(lr=self.fine_tune_lr, encoder_lr=self.fine_tune_encoder_lr, batch_size=self.fine_tune_batch,
                     augment=self.fine_tune_augment, validations=self.validations, seed=seed,
                     max_train_examples=self.max_train_examples)
@@ -86,7 +86,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Fine-tunes: batch 32 with augmentation and >= 600 steps. Chosen by a one-off calibration (a
-    # scratch script, not kept in the repo) of medformer.evaluation.fine_tune on BreastMNIST from
+    # scratch script, not kept in the repo) of medformer.eval.fine_tune on BreastMNIST from
     # random init, seed 0, test AUC: 20 epochs x batch 128 plain 0.715; 60 x 32 0.755; + augmentation
     # 0.784; 100 x 32 augmented 0.810. 1,000 steps did not fit the 3-hour budget with three seeds.
     "full": Preset(fine_tune_batch=32, fine_tune_encoder_lr=1e-3, fine_tune_augment=True, min_steps=600,

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.systems import main
+
+sys.exit(main())
