@@ -1,4 +1,4 @@
-"""Certificates for the SuperLink and authentication keys for SuperNodes (Python ``cryptography``).
+"""Certificates for the SuperLink, authentication keys for SuperNodes, the consortium's bundle-signing key.
 
 Coordinator::
 
@@ -17,6 +17,16 @@ the coordinator, who registers it with ``flwr supernode register keys/breast.pub
 The keys are ECDSA on NIST P-384 in OpenSSH format, which is what ``flower-supernode
 --auth-supernode-private-key`` and ``flwr supernode register`` read (same as
 ``ssh-keygen -t ecdsa -b 384``).
+
+Consortium (once; ideally on a machine other than the coordinator)::
+
+    python -m deploy.certs signing-key --out signing/consortium
+
+writes ``signing/consortium`` (private, mode 0600: whoever holds it decides what code every site
+runs), ``signing/consortium.pub`` and ``signing/trusted-entities.yaml`` (``key id: public key``), the
+file every hospital passes to ``flower-supernode --trusted-entities`` so that its SuperNode runs
+only app bundles signed with this key (``deploy.bundle`` signs them). Ed25519 in OpenSSH format, as
+Flower verifies them; the key id is derived from the public key, so a new key gets a new id.
 """
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_SANS = ("127.0.0.1", "localhost")
@@ -53,6 +63,16 @@ class KeyPair:
 
     private: Path
     public: Path
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """Paths of the consortium's bundle-signing key pair, its trusted-entities file and its key id."""
+
+    private: Path
+    public: Path
+    trusted_entities: Path
+    key_id: str
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
@@ -107,6 +127,7 @@ def make_superlink_certs(out: str | os.PathLike, sans: tuple[str, ...] | list[st
     existing = [str(p) for p in vars(files).values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass overwrite=True / --force)")
+    sans = list(dict.fromkeys(sans))  # a name given twice (e.g. $SUPERLINK_HOST = 127.0.0.1) once
     if not sans:
         raise ValueError("the server certificate needs at least one SAN (IP address or DNS name)")
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
@@ -169,6 +190,49 @@ def make_supernode_key(out: str | os.PathLike, *, comment: str | None = None, ov
     return KeyPair(private, public)
 
 
+def signing_key_id(public_key: ed25519.Ed25519PublicKey) -> str:
+    """The id under which sites know a signing key: ``medfl-`` + 16 hex digits of SHA-256 of the raw key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(raw)
+    return "medfl-" + digest.finalize().hex()[:16]
+
+
+def load_signing_key(path: str | os.PathLike) -> tuple[ed25519.Ed25519PrivateKey, str]:
+    """The consortium's private signing key (OpenSSH Ed25519) and its key id; ValueError names a bad file."""
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"signing key {path}: {e}") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(f"signing key {path} is not Ed25519 (make one with: python -m deploy.certs signing-key)")
+    return key, signing_key_id(key.public_key())
+
+
+def make_signing_key(out: str | os.PathLike, *, comment: str = "medformer-fl consortium",
+                     overwrite: bool = False) -> SigningKey:
+    """Create the consortium's bundle-signing key: ``out`` (private, 0600), ``out.pub`` and
+    ``trusted-entities.yaml`` next to them (the sites' ``--trusted-entities`` file: key id -> public key)."""
+    import yaml
+
+    private = Path(out)
+    files = (private, private.with_name(private.name + ".pub"), private.with_name("trusted-entities.yaml"))
+    existing = [str(p) for p in files if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass overwrite=True / --force)")
+    key = ed25519.Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    pub_line = f"{pub} {comment}" if comment else pub
+    key_id = signing_key_id(key.public_key())
+    _write(files[0], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()), private=True)
+    _write(files[1], (pub_line + "\n").encode())
+    _write(files[2], ("# Public keys allowed to sign medformer-fl app bundles: flower-supernode --trusted-entities\n"
+                      + yaml.safe_dump({key_id: pub_line}, default_flow_style=False, width=1000)).encode())
+    return SigningKey(*files, key_id)
+
+
 def certificate_sans(path: str | os.PathLike) -> list[str]:
     """The SAN entries of a PEM certificate, as strings (IP addresses and DNS names)."""
     cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
@@ -190,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--out", required=True, help="private key path; the public key is written to OUT.pub")
     k.add_argument("--comment", default=None, help="comment appended to the public key")
     k.add_argument("--force", action="store_true", help="overwrite existing files")
+    g = sub.add_parser("signing-key", help="the consortium's app-bundle signing key (OpenSSH Ed25519) and the "
+                                           "trusted-entities.yaml for the sites")
+    g.add_argument("--out", required=True, help="private key path; writes OUT.pub and trusted-entities.yaml beside it")
+    g.add_argument("--force", action="store_true", help="overwrite existing files")
     args = p.parse_args(argv)
     try:
         if args.cmd == "superlink":
@@ -199,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CA key             {files.ca_key}  (keep private)")
             print(f"server certificate {files.server_cert}  SAN: {', '.join(certificate_sans(files.server_cert))}")
             print(f"server key         {files.server_key}  (keep private)")
+        elif args.cmd == "signing-key":
+            sk = make_signing_key(args.out, overwrite=args.force)
+            print(f"signing key       {sk.private}  (keep private: it decides what code the sites run)")
+            print(f"public key        {sk.public}  (key id {sk.key_id})")
+            print(f"trusted entities  {sk.trusted_entities}  (give to every hospital: flower-supernode "
+                  "--trusted-entities)")
         else:
             pair = make_supernode_key(args.out, comment=args.comment, overwrite=args.force)
             print(f"private key {pair.private}  (stays at the site)")

@@ -1,16 +1,23 @@
-"""A local multi-site launcher: one SuperLink and N SuperNodes on loopback, as separate sites would run.
+"""A local multi-site launcher: one coordinator and N hospital SuperNodes on loopback, locked down.
 
 It does what the coordinator, each hospital and the researcher do in ``docs/deployment.md``, with
 the same commands, on one machine:
 
-1. a CA + server certificate (SAN 127.0.0.1, localhost) and one authentication key pair per site;
-2. ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and a SQLite ``--database``;
-3. the ``flwr`` connection in ``$FLWR_HOME/config.toml`` (absolute ``root-certificates`` path);
-4. ``flwr supernode register`` for each site's public key;
-5. one ``flower-supernode`` per site with ``--root-certificates``, its private key and
+1. a CA + server certificate (SAN 127.0.0.1, localhost), the consortium's bundle-signing key and
+   its ``trusted-entities.yaml``, and one authentication key pair per site;
+2. the app bundle built from the checkout, signed and published into ``<workdir>/registry``
+   (``deploy.bundle``), served on 127.0.0.1 by ``deploy.registry``;
+3. the SuperLink through ``deploy.superlink`` (only the Fleet API reachable from other addresses)
+   with TLS, ``--enable-supernode-auth`` and a SQLite ``--database``, and in its environment
+   ``FLWR_SUPERGRID_API_URL`` (the registry), ``MEDFL_RUNS_DIR`` (``<workdir>/out``: the only
+   folder a run may write) and ``MEDFL_DATA_DIRS`` (the data folder: the only one it may read);
+4. the ``flwr`` connection in ``$FLWR_HOME/config.toml`` (absolute ``root-certificates`` path) and
+   ``flwr supernode register`` for each site's public key (from 127.0.0.1, the coordinator);
+5. one ``flower-supernode`` per site with ``--root-certificates``, its private key,
+   ``--trusted-entities`` (its copy of the consortium's file: it runs signed bundles only) and
    ``--node-config 'name="..." dataset="..." size=28 data-dir="..."'`` (own port, own FLWR_HOME);
-6. optionally ``flwr run . <connection>``, then polls ``flwr list --run-id`` until the run's final
-   status (the CLI's exit code says nothing about the run);
+6. optionally ``flwr run @medformer-fl/medformer-fl==<version> <connection>`` (the signed bundle),
+   then polls ``flwr list --run-id`` until the run's final status (the CLI's exit code says nothing);
 7. tears every process down by PID (process group and recorded descendants), also on failure,
    Ctrl-C or SIGTERM.
 
@@ -20,6 +27,9 @@ Sites come from a scenario file (its hospitals) or from ``dataset@size`` items::
         --scenario deploy/loopback.yaml --run --run-config "num-server-rounds=2"
     python -m deploy.launch --workdir /tmp/medfl-sites --data-dir ../shared/data/medmnist \\
         --site breastmnist@28 --site adrenalmnist3d@28            # stays up until Ctrl-C
+
+A workdir can be reused; its registry keeps each published version, so after changing the code
+either bump ``version`` in pyproject.toml or start from a fresh ``--workdir``.
 
 Exit codes: 0 the run ended ``finished:completed`` (or, without ``--run``, a clean shutdown);
 1 the run failed, stopped or timed out, or a process died; 2 bad arguments.
@@ -211,10 +221,13 @@ def _signal_all(leader: int, targets: dict[int, int | None], sig: int) -> None:
 # ---- the deployment ------------------------------------------------------------------------------
 
 class LocalDeployment:
-    """A SuperLink and SuperNodes on one machine, each site with its own folder, port and FLWR_HOME.
+    """A locked-down coordinator and SuperNodes on one machine, each site with its own folder, port
+    and FLWR_HOME.
 
-    Folders under ``workdir``: ``certs/`` (CA, server cert), ``keys/<site>`` (+ ``.pub``),
-    ``superlink/`` (its cwd, ``state.db``, ``flwr-home``, log), ``sites/<site>/`` (flwr-home, log),
+    Folders under ``workdir``: ``certs/`` (CA, server cert), ``signing/`` (the consortium's signing
+    key, ``trusted-entities.yaml``), ``registry/`` (signed bundles), ``keys/<site>`` (+ ``.pub``),
+    ``superlink/`` (its cwd, ``state.db``, ``flwr-home``, log), ``out/`` (``MEDFL_RUNS_DIR``),
+    ``sites/<site>/`` (flwr-home, its ``trusted-entities.yaml``, log),
     ``researcher/flwr-home/config.toml`` (the ``flwr`` connection).
 
     Use as a context manager: leaving it stops every process it started.
@@ -222,17 +235,24 @@ class LocalDeployment:
 
     def __init__(self, workdir: str | os.PathLike, data_dir: str | os.PathLike, *, host: str = "127.0.0.1",
                  port: int | None = None, connection: str = "medfl-loopback", bin_dir: str | os.PathLike | None = None,
-                 app_dir: str | os.PathLike = REPO_ROOT):
+                 app_dir: str | os.PathLike = REPO_ROOT, scenario_dirs: list[str | os.PathLike] = ()):
         self.workdir = Path(workdir).resolve()
         self.data_dir = Path(data_dir).resolve()
         self.host, self.port = host, port or free_port(host)
+        self.registry_port = free_port("127.0.0.1")
         self.connection = connection
         self.bin_dir = Path(bin_dir) if bin_dir else Path(sys.executable).parent
         self.app_dir = Path(app_dir).resolve()
+        self.scenario_dirs = [Path(d).resolve() for d in scenario_dirs]
         self.certs = self.workdir / "certs"
+        self.signing = self.workdir / "signing"
+        self.registry_dir = self.workdir / "registry"
+        self.runs_dir = self.workdir / "out"
         self.keys = self.workdir / "keys"
         self.superlink_dir = self.workdir / "superlink"
         self.researcher_home = self.workdir / "researcher" / "flwr-home"
+        self.published = None  # deploy.bundle.Published, once the bundle is in the registry
+        self.registry: Proc | None = None
         self.superlink: Proc | None = None
         self.supernodes: dict[str, Proc] = {}
         self.node_ids: dict[str, int] = {}
@@ -287,7 +307,8 @@ class LocalDeployment:
 
     # -- coordinator --
     def superlink_argv(self) -> list[str]:
-        return [self._bin("flower-superlink"),
+        """``deploy.superlink`` (run as a script: it needs only Flower) wrapping flower-superlink's arguments."""
+        return [sys.executable, str(REPO_ROOT / "deploy" / "superlink.py"), "--",
                 "--ssl-ca-certfile", str(self.certs / "ca.crt"),
                 "--ssl-certfile", str(self.certs / "server.pem"),
                 "--ssl-keyfile", str(self.certs / "server.key"),
@@ -301,24 +322,68 @@ class LocalDeployment:
         if not (self.certs / "server.pem").exists():
             make_superlink_certs(self.certs, ("127.0.0.1", "localhost"))
 
-    def start_superlink(self, timeout: float = 60.0) -> Proc:
-        """Certificates if missing, then ``flower-superlink``; returns once it accepts TLS connections."""
-        self.make_certs()
-        self.superlink = self._spawn("superlink", self.superlink_argv(), cwd=self.superlink_dir,
-                                     env=self.env(self.superlink_dir / "flwr-home",
-                                                  MEDMNIST_DATA=str(self.data_dir)),  # central evaluation
-                                     log_path=self.superlink_dir / "superlink.log")
-        self.write_connection()
+    def make_signing_key(self) -> Path:
+        """The consortium's signing key and ``trusted-entities.yaml`` (if missing); returns the YAML's path."""
+        from deploy.certs import make_signing_key
+
+        if not (self.signing / "consortium").exists():
+            make_signing_key(self.signing / "consortium")
+        return self.signing / "trusted-entities.yaml"
+
+    def publish_bundle(self):
+        """Build the app's FAB, sign it and publish it into the registry folder (``deploy.bundle``)."""
+        from deploy.bundle import BundleError, build_and_publish
+
+        self.make_signing_key()
+        try:
+            self.published = build_and_publish(self.app_dir, self.signing / "consortium", self.registry_dir)
+        except (BundleError, ValueError) as e:
+            raise LaunchError(f"publishing the signed bundle failed: {e}") from None
+        return self.published
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://127.0.0.1:{self.registry_port}"
+
+    def start_registry(self, timeout: float = 30.0) -> Proc:
+        """``deploy.registry`` on 127.0.0.1 serving ``registry/`` (what FLWR_SUPERGRID_API_URL points at)."""
+        self.registry_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, str(REPO_ROOT / "deploy" / "registry.py"), "--root", str(self.registry_dir),
+                "--port", str(self.registry_port)]
+        self.registry = self._spawn("registry", argv, cwd=self.registry_dir, env=self.env(self.workdir / "flwr-home"),
+                                    log_path=self.workdir / "registry.log")
+        self._wait_listening(self.registry, "127.0.0.1", self.registry_port, timeout)
+        return self.registry
+
+    def _wait_listening(self, proc: Proc, host: str, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if not self.superlink.running():
-                raise LaunchError(f"flower-superlink exited {self.superlink.popen.returncode}; "
-                                  f"see {self.superlink.log_path}:\n{self.superlink.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=1):
-                break
+            if not proc.running():
+                raise LaunchError(f"{proc.name} exited {proc.popen.returncode}; see {proc.log_path}:\n"
+                                  f"{proc.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+                return
             if time.monotonic() > deadline:
-                raise LaunchError(f"flower-superlink did not listen on {self.address} in {timeout:.0f} s")
+                raise LaunchError(f"{proc.name} did not listen on {host}:{port} in {timeout:.0f} s")
             time.sleep(0.3)
+
+    def superlink_env(self) -> dict[str, str]:
+        """The SuperLink's environment (its ServerApp inherits it): the registry it fetches signed
+        bundles from, the only folders a run may write and read, the central evaluation's data."""
+        extra = {"FLWR_SUPERGRID_API_URL": self.registry_url, "MEDFL_RUNS_DIR": str(self.runs_dir),
+                 "MEDFL_DATA_DIRS": str(self.data_dir), "MEDMNIST_DATA": str(self.data_dir)}
+        if self.scenario_dirs:
+            extra["MEDFL_SCENARIO_DIRS"] = os.pathsep.join(map(str, self.scenario_dirs))
+        return self.env(self.superlink_dir / "flwr-home", **extra)
+
+    def start_superlink(self, timeout: float = 60.0) -> Proc:
+        """Certificates if missing, then the filtered SuperLink; returns once it accepts TLS connections."""
+        self.make_certs()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.superlink = self._spawn("superlink", self.superlink_argv(), cwd=self.superlink_dir,
+                                     env=self.superlink_env(), log_path=self.superlink_dir / "superlink.log")
+        self.write_connection()
+        self._wait_listening(self.superlink, self.host, self.port, timeout)
         ans = self.flwr_json("supernode", "list", self.connection)
         if not ans.get("success"):
             raise LaunchError(f"flwr cannot reach the SuperLink over TLS: {ans.get('error-message')}")
@@ -332,9 +397,10 @@ class LocalDeployment:
                 f'root-certificates = "{(self.certs / "ca.crt").resolve()}"\n')
 
     def write_connection(self) -> Path:
-        self.researcher_home.mkdir(parents=True, exist_ok=True)
+        from deploy.certs import _write
+
         path = self.researcher_home / "config.toml"
-        path.write_text(self.connection_toml())
+        _write(path, self.connection_toml().encode())
         return path
 
     def register(self, site: SiteSpec) -> int:
@@ -351,12 +417,24 @@ class LocalDeployment:
         return self.node_ids[site.name]
 
     # -- hospitals --
+    def site_trusted_entities(self, label: str) -> Path:
+        """The site's own copy of the consortium's ``trusted-entities.yaml`` (as a hospital holds it)."""
+        from deploy.certs import _write
+
+        path = self.workdir / "sites" / label / "trusted-entities.yaml"
+        if not path.exists():
+            _write(path, self.make_signing_key().read_bytes())
+        return path
+
     def supernode_argv(self, site: SiteSpec, *, port: int, insecure: bool = False, key: Path | bool | None = None,
-                       max_retries: int | None = None, max_wait_time: float | None = None) -> list[str]:
+                       max_retries: int | None = None, max_wait_time: float | None = None,
+                       trusted_entities: Path | None = None) -> list[str]:
         argv = [self._bin("flower-supernode"), "--superlink", self.address]
         argv += ["--insecure"] if insecure else ["--root-certificates", str(self.certs / "ca.crt")]
         if key is not False:  # key=False: no authentication key at all
             argv += ["--auth-supernode-private-key", str(key or self.keys / site.name)]
+        if trusted_entities is not None:
+            argv += ["--trusted-entities", str(trusted_entities)]
         argv += ["--node-config", site.node_config(self.data_dir), "--port", str(port)]
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
@@ -364,9 +442,13 @@ class LocalDeployment:
             argv += ["--max-wait-time", str(max_wait_time)]
         return argv
 
-    def start_supernode(self, site: SiteSpec, *, register: bool = True, label: str | None = None, **kw) -> Proc:
-        """Start a site's ``flower-supernode`` (registering its key first unless ``register=False``)."""
+    def start_supernode(self, site: SiteSpec, *, register: bool = True, label: str | None = None,
+                        signed_only: bool = True, **kw) -> Proc:
+        """Start a site's ``flower-supernode`` (registering its key first unless ``register=False``);
+        ``signed_only``: with ``--trusted-entities`` (it runs consortium-signed bundles only)."""
         label = label or site.name
+        if signed_only:
+            kw.setdefault("trusted_entities", self.site_trusted_entities(label))
         if register and site.name not in self.node_ids:
             self.register(site)
         elif kw.get("key") is None and not (self.keys / site.name).exists():
@@ -408,8 +490,11 @@ class LocalDeployment:
             time.sleep(1.0)
 
     def up(self, sites: list[SiteSpec], *, timeout: float = 120.0) -> None:
-        """SuperLink, then every site (register + start), then wait until all are online."""
+        """Signed bundle and registry, SuperLink, then every site (register + start), then wait until
+        all are online."""
         check_unique(sites)
+        self.publish_bundle()
+        self.start_registry()
         self.start_superlink()
         for site in sites:
             self.register(site)
@@ -418,9 +503,15 @@ class LocalDeployment:
         self.wait_online([s.name for s in sites], timeout=timeout)
 
     # -- researcher --
-    def run(self, run_config: dict | str | None = None) -> int:
-        """``flwr run <app> <connection> --run-config ...``; returns the run id."""
-        args = ["run", str(self.app_dir), self.connection]
+    def run(self, run_config: dict | str | None = None, *, app: str | None = None) -> int:
+        """``flwr run <app> <connection> --run-config ...``; returns the run id. ``app``: by default
+        the signed bundle (``@publisher/name==version``, fetched by the SuperLink from the registry);
+        an app folder submits an unsigned bundle, which SuperNodes with trusted entities refuse."""
+        if app is None:
+            if self.published is None:
+                raise LaunchError("no signed bundle published yet (publish_bundle)")
+            app = self.published.app_spec
+        args = ["run", app, self.connection]
         if run_config:
             args += ["--run-config", run_config if isinstance(run_config, str) else format_run_config(run_config)]
         ans = self.flwr_json(*args, timeout=300)
@@ -467,12 +558,12 @@ class LocalDeployment:
         """Every process this deployment started or saw below what it started, by name: ``[pid, start
         time]`` pairs, the leader first (the start time tells a live process from a recycled PID)."""
         return {p.name: [[p.pid, _start_time(p.pid)], *([pid, t] for pid, t in p.known.items())]
-                for p in [self.superlink, *self.supernodes.values()] if p is not None}
+                for p in [self.superlink, self.registry, *self.supernodes.values()] if p is not None}
 
     def close(self) -> None:
-        """Stop SuperNodes, then the SuperLink; every process by PID, SIGKILL for what does not stop."""
+        """Stop SuperNodes, the SuperLink, the registry; every process by PID, SIGKILL for what does not stop."""
         errors = []
-        for proc in [*self.supernodes.values(), self.superlink]:
+        for proc in [*self.supernodes.values(), self.superlink, self.registry]:
             if proc is None:
                 continue
             try:
@@ -529,8 +620,9 @@ def format_run_config(values: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.launch",
-                                description="Start a SuperLink (TLS, node auth, SQLite) and one SuperNode per "
-                                            "site on loopback; optionally run the app; tear down by PID.")
+                                description="Start a locked-down SuperLink (TLS, node auth, SQLite, Control API from "
+                                            "loopback only, signed bundles from a local registry) and one SuperNode "
+                                            "per site on loopback; optionally run the app; tear down by PID.")
     p.add_argument("--workdir", required=True, help="folder for certs, keys, logs, state (created)")
     p.add_argument("--data-dir", default=os.environ.get("MEDMNIST_DATA"),
                    help="MedMNIST folder every site reads (default: $MEDMNIST_DATA)")
@@ -559,15 +651,24 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    dep = LocalDeployment(args.workdir, args.data_dir, port=args.port, connection=args.connection)
+    scenario_dirs = []
+    if args.scenario and not Path(args.scenario).resolve().is_relative_to(REPO_ROOT):
+        scenario_dirs.append(Path(args.scenario).resolve().parent)  # a scenario outside the app bundle
+    dep = LocalDeployment(args.workdir, args.data_dir, port=args.port, connection=args.connection,
+                          scenario_dirs=scenario_dirs)
     code = 1
     try:
         dep.up(sites)
-        print(f"SuperLink {dep.address} (TLS, node auth, {dep.superlink_dir / 'state.db'}); sites: "
+        print(f"app {dep.published.app_spec} signed by {dep.published.key_id}, served by {dep.registry_url}",
+              flush=True)
+        print(f"SuperLink {dep.address} (TLS, node auth, Control API from loopback only, "
+              f"{dep.superlink_dir / 'state.db'}); sites: "
               + ", ".join(f"{s.name}={s.dataset}@{s.size} (node {dep.node_ids[s.name]})" for s in sites), flush=True)
         print(f"flwr connection {dep.connection!r} in {dep.researcher_home / 'config.toml'}; e.g. "
               f"FLWR_HOME={dep.researcher_home} flwr supernode list {dep.connection}", flush=True)
-        (dep.workdir / "pids.json").write_text(json.dumps(dep.pids(), indent=1))
+        from deploy.certs import _write
+
+        _write(dep.workdir / "pids.json", json.dumps(dep.pids(), indent=1).encode())  # read while we run
         if args.run:
             run_config = launcher_run_config(args.run_config, scenario=args.scenario, n_sites=len(sites),
                                              out_dir=dep.workdir / "out")
