@@ -52,6 +52,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config import Site
+from deploy.sites import check_unique, node_config, parse_site, sites_from_scenario
+from tools.processes import descendants, start_time, stop_tree
+
 log = logging.getLogger("medfl.deploy")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,64 +66,10 @@ FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
 }
 FINAL_STATUSES = ("finished:completed", "finished:failed", "finished:stopped")
-_SITE_RE = re.compile(r"^(?:(?P<name>[A-Za-z0-9_-]+)=)?(?P<dataset>[a-z0-9]+)(?:@(?P<size>\d+))?$")
 
 
 class LaunchError(RuntimeError):
     """A deployment step failed (the message names the step and the log file to read)."""
-
-
-# ---- sites ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """One hospital site: its name, MedMNIST flag and image size."""
-
-    name: str
-    dataset: str
-    size: int = 28
-
-    def node_config(self, data_dir: str | os.PathLike) -> str:
-        """The ``--node-config`` value: TOML values, strings quoted (Flower strips the quotes)."""
-        return (f"name={json.dumps(self.name)} dataset={json.dumps(self.dataset)} size={self.size} "
-                f"data-dir={json.dumps(str(data_dir))}")
-
-
-def parse_site(text: str) -> SiteSpec:
-    """``dataset``, ``dataset@size`` or ``name=dataset@size`` -> SiteSpec (checked against MedMNIST)."""
-    m = _SITE_RE.match(text.strip())
-    if not m:
-        raise ValueError(f"bad site {text!r}: use dataset@size, e.g. breastmnist@28 or breast=breastmnist@28")
-    from medformer.data import DataError, get_info  # the registry (medmnist.INFO); no Flower import
-
-    dataset, size = m["dataset"], int(m["size"] or 28)
-    try:
-        info = get_info(dataset)
-    except DataError as e:
-        raise ValueError(f"site {text!r}: {e}") from None
-    if size not in info.sizes:
-        raise ValueError(f"site {text!r}: size {size} is not available for {dataset}; choose from {info.sizes}")
-    name = m["name"] or (dataset if size == 28 else f"{dataset}-{size}")
-    return SiteSpec(name, dataset, size)
-
-
-def sites_from_scenario(path: str | os.PathLike) -> list[SiteSpec]:
-    """The hospitals of a scenario file, one site each (partitioned hospitals are not sites)."""
-    from config import load_scenario
-
-    scenario = load_scenario(Path(path))
-    partitioned = [h.name for h in scenario.hospitals if h.partition is not None]
-    if partitioned:
-        raise ValueError(f"{path}: hospitals {partitioned} are partitioned; a deployment runs one SuperNode "
-                         "per site: list each site as its own hospital")
-    return [SiteSpec(h.name, h.dataset, h.size) for h in scenario.hospitals]
-
-
-def check_unique(sites: list[SiteSpec]) -> None:
-    names = [s.name for s in sites]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"two sites share the name(s) {dup}: give them names with name=dataset@size")
 
 
 # ---- processes -----------------------------------------------------------------------------------
@@ -129,37 +79,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _start_time(pid: int) -> int | None:
-    """Kernel start time of a process (guards against signalling a recycled PID)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat[stat.rindex(")") + 2:].split()
-    return fields[0] != "Z" and (start is None or int(fields[19]) == start)
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (Flower starts SuperExec and app processes in new sessions)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for children in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                for c in children.read_text().split():
-                    out.append(int(c))
-                    todo.append(int(c))
-    return out
 
 
 @dataclass
@@ -177,7 +96,7 @@ class Proc:
 
     def refresh(self) -> None:
         for p in descendants(self.pid):
-            self.known.setdefault(p, _start_time(p))
+            self.known.setdefault(p, start_time(p))
 
     def running(self) -> bool:
         return self.popen.poll() is None
@@ -192,30 +111,9 @@ class Proc:
         """Signal the process, its group and its recorded descendants; SIGKILL what outlives ``timeout``."""
         if self.running():
             self.refresh()
-        targets = {self.pid: _start_time(self.pid), **self.known}
-        _signal_all(self.pid, targets, sig)
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _signal_all(self.pid, targets, signal.SIGKILL)
-            self.popen.wait(timeout=10)
-        deadline = time.monotonic() + timeout
-        while any(_alive(p, s) for p, s in self.known.items()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for p, s in self.known.items():
-            if _alive(p, s):
-                with contextlib.suppress(OSError):
-                    os.kill(p, signal.SIGKILL)
+        stop_tree(self.pid, known=self.known, timeout=timeout, sig=sig)
+        self.popen.wait(timeout=10)
         return self.popen.returncode
-
-
-def _signal_all(leader: int, targets: dict[int, int | None], sig: int) -> None:
-    with contextlib.suppress(OSError):
-        os.killpg(leader, sig)  # the leader's own process group (start_new_session=True)
-    for p, s in targets.items():
-        if _alive(p, s):
-            with contextlib.suppress(OSError):
-                os.kill(p, sig)
 
 
 # ---- the deployment ------------------------------------------------------------------------------
@@ -256,7 +154,7 @@ class LocalDeployment:
         self.superlink: Proc | None = None
         self.supernodes: dict[str, Proc] = {}
         self.node_ids: dict[str, int] = {}
-        self.sites: dict[str, SiteSpec] = {}
+        self.sites: dict[str, Site] = {}
 
     # -- helpers --
     @property
@@ -403,7 +301,7 @@ class LocalDeployment:
         _write(path, self.connection_toml().encode())
         return path
 
-    def register(self, site: SiteSpec) -> int:
+    def register(self, site: Site) -> int:
         """Key pair for the site (if missing) and ``flwr supernode register KEY.pub <connection>``."""
         from deploy.certs import make_supernode_key
 
@@ -426,7 +324,7 @@ class LocalDeployment:
             _write(path, self.make_signing_key().read_bytes())
         return path
 
-    def supernode_argv(self, site: SiteSpec, *, port: int, insecure: bool = False, key: Path | bool | None = None,
+    def supernode_argv(self, site: Site, *, port: int, insecure: bool = False, key: Path | bool | None = None,
                        max_retries: int | None = None, max_wait_time: float | None = None,
                        trusted_entities: Path | None = None) -> list[str]:
         argv = [self._bin("flower-supernode"), "--superlink", self.address]
@@ -435,14 +333,14 @@ class LocalDeployment:
             argv += ["--auth-supernode-private-key", str(key or self.keys / site.name)]
         if trusted_entities is not None:
             argv += ["--trusted-entities", str(trusted_entities)]
-        argv += ["--node-config", site.node_config(self.data_dir), "--port", str(port)]
+        argv += ["--node-config", node_config(site, self.data_dir), "--port", str(port)]
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
         if max_wait_time is not None:
             argv += ["--max-wait-time", str(max_wait_time)]
         return argv
 
-    def start_supernode(self, site: SiteSpec, *, register: bool = True, label: str | None = None,
+    def start_supernode(self, site: Site, *, register: bool = True, label: str | None = None,
                         signed_only: bool = True, **kw) -> Proc:
         """Start a site's ``flower-supernode`` (registering its key first unless ``register=False``);
         ``signed_only``: with ``--trusted-entities`` (it runs consortium-signed bundles only)."""
@@ -489,7 +387,7 @@ class LocalDeployment:
                                   f"{ {n: status.get(self.node_ids[n]) for n in names} }")
             time.sleep(1.0)
 
-    def up(self, sites: list[SiteSpec], *, timeout: float = 120.0) -> None:
+    def up(self, sites: list[Site], *, timeout: float = 120.0) -> None:
         """Signed bundle and registry, SuperLink, then every site (register + start), then wait until
         all are online."""
         check_unique(sites)
@@ -557,7 +455,7 @@ class LocalDeployment:
     def pids(self) -> dict[str, list[list[int | None]]]:
         """Every process this deployment started or saw below what it started, by name: ``[pid, start
         time]`` pairs, the leader first (the start time tells a live process from a recycled PID)."""
-        return {p.name: [[p.pid, _start_time(p.pid)], *([pid, t] for pid, t in p.known.items())]
+        return {p.name: [[p.pid, start_time(p.pid)], *([pid, t] for pid, t in p.known.items())]
                 for p in [self.superlink, self.registry, *self.supernodes.values()] if p is not None}
 
     def close(self) -> None:

@@ -155,7 +155,7 @@ def table(reports: list[ReplyReport], preset: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deploy.launch import parse_site
+    from deploy.sites import parse_site
 
     p = argparse.ArgumentParser(prog="python -m deploy.payload", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("MEDMNIST_DATA"), help="MedMNIST folder")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from simulations.cli import main
+from tools.processes import descendants
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "simulations" / "configs" / "quickstart.yaml"
@@ -102,23 +103,6 @@ def test_quickstart_end_to_end_writes_the_output_folder(tmp_path, real_data_dir)
         assert (out / name).exists(), name
 
 
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (from /proc), to kill a run's whole tree by PID."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 @pytest.mark.slow
 def test_resume_after_kill_9_gives_the_same_final_weights(tmp_path, real_data_dir):
     common = ["--data-dir", str(real_data_dir), "--no-progress", "--set", "training.rounds=3", *FAST,
@@ -136,7 +120,7 @@ def test_resume_after_kill_9_gives_the_same_final_weights(tmp_path, real_data_di
             assert p.poll() is None and time.monotonic() < deadline, "run ended or stalled before round 1"
             time.sleep(0.2)
     finally:
-        for pid in [p.pid, *_descendants(p.pid)]:
+        for pid in [p.pid, *descendants(p.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

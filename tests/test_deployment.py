@@ -45,9 +45,11 @@ from deploy.certs import (  # noqa: E402
 )
 from inprocess import InProcessGrid  # noqa: E402
 from deploy.launch import (  # noqa: E402
-    FINAL_STATUSES, FLWR_ENV, LaunchError, LocalDeployment, Proc, SiteSpec, descendants, free_port, launcher_run_config,
-    parse_site, run_config_keys, sites_from_scenario,
+    FINAL_STATUSES, FLWR_ENV, LaunchError, LocalDeployment, Proc, free_port, launcher_run_config, run_config_keys,
 )
+from deploy.sites import node_config, parse_site, sites_from_scenario  # noqa: E402
+from config import Site as SiteSpec  # noqa: E402  (one Site type everywhere)
+from tools.processes import descendants  # noqa: E402
 
 GUIDE = REPO_ROOT / "docs" / "deployment.md"
 BIN = Path(sys.executable).parent
@@ -548,7 +550,7 @@ def test_sites_and_node_config():
     assert [s.dataset for s in sites_from_scenario(REPO_ROOT / "deploy" / "loopback.yaml")] == list(SITES)
     # the node config survives Flower's own parser and names the site
     site = SiteSpec("ct", "adrenalmnist3d", 64)
-    parsed = parse_config_args([site.node_config(REPO_ROOT)])
+    parsed = parse_config_args([node_config(site, REPO_ROOT)])
     assert parsed == {"name": "ct", "dataset": "adrenalmnist3d", "size": 64, "data-dir": str(REPO_ROOT)}
     ident = identity_from_node_config(parsed)
     assert (ident.name, ident.dataset, ident.size) == ("ct", "adrenalmnist3d", 64)
@@ -833,7 +835,7 @@ def guide_deployment(tmp_path_factory, real_data_dir):
 
 
 def _alive(pid: int, start) -> bool:
-    from deploy.launch import _alive as alive
+    from tools.processes import alive
 
     return alive(pid, start)
 

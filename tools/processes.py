@@ -66,17 +66,18 @@ def process_tree(root: int) -> set[int]:
     return {p for p in {root, *descendants(root), *session_members(root)} if _stat(p) is not None}
 
 
-def stop_tree(leader: int, *, known: Mapping[int, int | None] | None = None, timeout: float = 15.0) -> list[int]:
-    """SIGTERM a process tree (the leader's group, descendants, session and ``known``), then SIGKILL
-    whatever still runs after ``timeout`` seconds. Returns the PIDs that had to be killed."""
+def stop_tree(leader: int, *, known: Mapping[int, int | None] | None = None, timeout: float = 15.0,
+              sig: int = signal.SIGTERM) -> list[int]:
+    """Send ``sig`` to a process tree (the leader's group, descendants, session and ``known``), then
+    SIGKILL whatever still runs after ``timeout`` seconds. Returns the PIDs that had to be killed."""
     targets = {p: start_time(p) for p in process_tree(leader)} | dict(known or {})
     targets.pop(os.getpid(), None)
     with contextlib.suppress(OSError):
-        os.killpg(leader, signal.SIGTERM)  # the leader's own process group (start_new_session=True)
+        os.killpg(leader, sig)  # the leader's own process group (start_new_session=True)
     for p, s in targets.items():
         if alive(p, s):
             with contextlib.suppress(OSError):
-                os.kill(p, signal.SIGTERM)
+                os.kill(p, sig)
     deadline = time.monotonic() + timeout
     while any(alive(p, s) for p, s in targets.items()) and time.monotonic() < deadline:
         time.sleep(0.2)
