@@ -244,6 +244,18 @@ def test_linear_probe_label_fraction_reduces_train_and_keeps_classes(synth_dir) 
     assert capped["n_train"] == 16
 
 
+def test_label_fraction_subsamples_validation_in_the_same_proportion(synth_dir) -> None:
+    """1% or 10% of the labels means that share of the validation labels too: C and the epoch are
+    chosen on them, never on the full validation split."""
+    sp = _splits(synth_dir, "bloodmnist")
+    n_val = len(sp["val"])
+    probe = linear_probe(_model("bloodmnist"), sp, "bloodmnist", label_fraction=0.25, Cs=(1.0,))
+    assert probe["n_val"] == len(label_subset(sp["val"].labels, "multi-class", fraction=0.25)) < n_val
+    ft = fine_tune(_model("bloodmnist"), sp, "bloodmnist", epochs=1, batch_size=16, label_fraction=0.25)
+    assert ft["n_val"] == probe["n_val"]
+    assert linear_probe(_model("bloodmnist"), sp, "bloodmnist", Cs=(1.0,))["n_val"] == n_val
+
+
 def test_linear_probe_rejects_wrong_splits(synth_dir) -> None:
     sp = _splits(synth_dir, "breastmnist")
     with pytest.raises(ValueError, match="breastmnist"):

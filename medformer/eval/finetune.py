@@ -14,7 +14,7 @@ from torch import nn
 
 from medformer.data import MedMNISTSplit, get_info, random_view
 from medformer.eval.features import check_splits, device_of, predict_scores
-from medformer.eval.metrics import head_loss, label_subset, official_metrics, selection_key
+from medformer.eval.metrics import head_loss, labelled_subsets, official_metrics, selection_key
 from medformer.layers import init_weights
 from medformer.model import Medformer, TaskHead
 
@@ -51,7 +51,8 @@ def fine_tune(
         lr: peak learning rate of the head.
         encoder_lr: peak learning rate of the encoder (inputs, latents, body); default ``lr / 3``.
         batch_size: training batch size (evaluation batches may be larger).
-        label_fraction: share of train labels used (class-stratified, >= 1 per class).
+        label_fraction: share of the labels used, train and validation alike (class-stratified, >= 1 per
+            class; ``metrics.labelled_subsets``): the epoch is chosen on the subsampled validation split.
         weight_decay: AdamW decoupled weight decay.
         seed: seeds the label subset, a new head's init and the shuffling.
         max_train_examples: optional cap on train examples (stratified too).
@@ -74,9 +75,8 @@ def fine_tune(
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     info = get_info(dataset)
     task = info.task
-    train = splits["train"]
-    train = train.subset(label_subset(train.labels, task, fraction=label_fraction,
-                                      max_examples=max_train_examples, seed=seed))
+    train, val_split = labelled_subsets(splits, task, fraction=label_fraction, max_examples=max_train_examples,
+                                        seed=seed)
     n = len(train)
     gen = torch.Generator().manual_seed(seed)
 
@@ -133,8 +133,8 @@ def fine_tune(
         if epoch not in validate_at:
             continue
         net.eval()
-        val = official_metrics(splits["val"].labels,
-                               predict_scores(net, splits["val"], dataset, task, batch_size=max(batch_size, 256)), task)
+        val = official_metrics(val_split.labels,
+                               predict_scores(net, val_split, dataset, task, batch_size=max(batch_size, 256)), task)
         stats = {"epoch": epoch, "train_loss": total / n, "val_auc": val["auc"], "val_acc": val["acc"]}
         log.info("fine-tune %s epoch %d/%d: loss %.4f val auc %.4f acc %.4f",
                  dataset, epoch, epochs, stats["train_loss"], val["auc"], val["acc"])
@@ -150,7 +150,8 @@ def fine_tune(
                             predict_scores(net, splits["test"], dataset, task, batch_size=max(batch_size, 256)), task)
     result = {
         "auc": test["auc"], "acc": test["acc"], "val_auc": best_val["auc"], "val_acc": best_val["acc"],
-        "epochs": epochs, "best_epoch": best_epoch, "n_train": n, "seconds": time.perf_counter() - t0,
+        "epochs": epochs, "best_epoch": best_epoch, "n_train": n, "n_val": len(val_split),
+        "seconds": time.perf_counter() - t0,
     }
     log.info("fine-tune %s: test auc %.4f acc %.4f (best epoch %d/%d, n_train=%d, %.1fs)",
              dataset, result["auc"], result["acc"], best_epoch, epochs, n, result["seconds"])

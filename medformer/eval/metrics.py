@@ -171,3 +171,18 @@ def label_subset(
             spare -= 1
     parts = [rng.choice(np.flatnonzero(y == c), size=int(q), replace=False) for c, q in zip(classes, quota)]
     return np.sort(np.concatenate(parts)).astype(np.int64)
+
+
+def labelled_subsets(splits: Mapping, task: str, *, fraction: float = 1.0, max_examples: int | None = None,
+                     seed: int = 0) -> tuple:
+    """The (train, val) splits a label-efficient evaluation may use: both subsampled in the same
+    proportion (class-stratified, at least one example per class, :func:`label_subset`), so a
+    "1% of the labels" result chooses its settings on 1% of the validation labels too. Test is untouched.
+
+    ``max_examples`` caps the train subset only (a speed cap, not a label budget).
+    """
+    train, val = splits["train"], splits["val"]
+    train = train.subset(label_subset(train.labels, task, fraction=fraction, max_examples=max_examples, seed=seed))
+    if fraction < 1.0:
+        val = val.subset(label_subset(val.labels, task, fraction=fraction, seed=seed))
+    return train, val

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from medformer.data import MedMNISTSplit, get_info
 from medformer.eval.features import check_splits, extract_features
-from medformer.eval.metrics import label_subset, official_metrics, selection_key
+from medformer.eval.metrics import labelled_subsets, official_metrics, selection_key
 from medformer.model import DatasetRef, Medformer, MedformerConfig, build_medformer
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def linear_probe(
         model: Medformer built for ``dataset`` (not modified).
         splits: ``{"train", "val", "test"}`` splits of ``dataset``.
         dataset: MedMNIST flag.
-        label_fraction: share of train labels used (class-stratified, >= 1 per class).
+        label_fraction: share of the labels used, train and validation alike (class-stratified, >= 1 per
+            class; ``metrics.labelled_subsets``): C is chosen on the subsampled validation split.
         max_train_examples: optional cap on train examples (stratified too).
         seed: seed of the label subset; the fit itself is deterministic.
         Cs: inverse L2 strengths to try.
@@ -97,11 +98,10 @@ def linear_probe(
     t0 = time.perf_counter()
     check_splits(splits, dataset)
     info = get_info(dataset)
-    train = splits["train"]
-    idx = label_subset(train.labels, info.task, fraction=label_fraction, max_examples=max_train_examples, seed=seed)
-    train = train.subset(idx)
+    train, val_split = labelled_subsets(splits, info.task, fraction=label_fraction, max_examples=max_train_examples,
+                                        seed=seed)
     feats = {name: extract_features(model, sp, dataset, batch_size=batch_size)
-             for name, sp in (("train", train), ("val", splits["val"]), ("test", splits["test"]))}
+             for name, sp in (("train", train), ("val", val_split), ("test", splits["test"]))}
     mean = feats["train"].mean(axis=0, dtype=np.float64)
     std = feats["train"].std(axis=0, dtype=np.float64) + 1e-6
     z = {k: (v - mean) / std for k, v in feats.items()}  # (N, dim) float64
@@ -111,7 +111,7 @@ def linear_probe(
     with threadpool_limits(limits=1, user_api="blas"):
         for c in Cs:
             predict = _fit_logreg(z["train"], train.labels, info.task, info.n_classes, float(c))
-            val = official_metrics(splits["val"].labels, predict(z["val"]), info.task)
+            val = official_metrics(val_split.labels, predict(z["val"]), info.task)
             log.debug("linear probe %s C=%g: val auc %.4f acc %.4f", dataset, c, val["auc"], val["acc"])
             if best is None or selection_key(val) > best[0]:
                 best = (selection_key(val), float(c), predict, val)
@@ -121,7 +121,7 @@ def linear_probe(
         test = official_metrics(splits["test"].labels, predict(z["test"]), info.task)
     result = {
         "auc": test["auc"], "acc": test["acc"], "val_auc": val["auc"], "val_acc": val["acc"],
-        "C": c_best, "n_train": len(train), "seconds": time.perf_counter() - t0,
+        "C": c_best, "n_train": len(train), "n_val": len(val_split), "seconds": time.perf_counter() - t0,
     }
     log.info("linear probe %s: test auc %.4f acc %.4f (C=%g, n_train=%d, %.1fs)",
              dataset, result["auc"], result["acc"], c_best, len(train), result["seconds"])
