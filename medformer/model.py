@@ -227,6 +227,34 @@ class Medformer(nn.Module):
     def forward(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, dataset), dataset)
 
+    @property
+    def embed_dim(self) -> int:
+        """Width of :meth:`embed`'s features."""
+        return self.cfg.dim
+
+    def fine_tune_parts(self, dataset: str, *, seed: int = 0) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Prepare to fine-tune on ``dataset``: its head (a fresh one, seeded, if it has none) and the
+        encoder parts on its path (input kind, latents, body) train; everything else is frozen.
+
+        Returns the head's parameters and the encoder's.
+        """
+        info = self.info(dataset)
+        if dataset not in self.outputs:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                head = TaskHead(self.cfg, info.num_outputs)
+                head.apply(init_weights)
+            self.outputs[dataset] = head.to(next(self.parameters()).device)
+        path = (f"inputs.{info.input_kind}.", f"latents.{dataset}.", "body.")
+        head_prefix = f"outputs.{dataset}."
+        heads, encoder = [], []
+        for name, p in self.named_parameters():
+            on_path = name.startswith(head_prefix) or name.startswith(path)
+            p.requires_grad_(on_path)
+            if on_path:
+                (heads if name.startswith(head_prefix) else encoder).append(p)
+        return heads, encoder
+
     def encoder_keys(self) -> list[str]:
         """State keys of the encoder (inputs, latents, body): what a probe freezes."""
         return [k for k in self.state_dict() if k.split(".")[0] in ("inputs", "latents", "body")]

@@ -43,7 +43,7 @@ def extract_features(
     model.eval()
     device = device_of(model)
     bs = _batch_size_for(split, batch_size)
-    out = np.empty((len(split), model.cfg.dim), dtype=np.float32)
+    out = np.empty((len(split), model.embed_dim), dtype=np.float32)
     try:
         for start in range(0, len(split), bs):
             x, _ = split.batch(slice(start, start + bs))  # [B, C, *S] in [-1, 1]

@@ -10,13 +10,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from medformer.data import MedMNISTSplit, get_info, random_view
 from medformer.eval.features import check_splits, device_of, predict_scores
 from medformer.eval.metrics import head_loss, labelled_subsets, official_metrics, selection_key
-from medformer.layers import init_weights
-from medformer.model import Medformer, TaskHead
+from medformer.model import Medformer
 
 log = logging.getLogger(__name__)
 
@@ -83,28 +81,14 @@ def fine_tune(
     net = copy.deepcopy(model)
     net.info(dataset)  # KeyError naming the model's datasets
     device = device_of(net)
-    if dataset not in net.outputs:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            head = TaskHead(net.cfg, info.num_outputs)
-            head.apply(init_weights)
-        net.outputs[dataset] = head.to(device)
-
-    # Only the parts on this dataset's path train; everything else stays frozen.
-    prefixes = (f"inputs.{info.input_kind}.", f"latents.{dataset}.", "body.")
-    head_prefix = f"outputs.{dataset}."
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in net.named_parameters():
-        is_head = name.startswith(head_prefix)
-        if not (is_head or name.startswith(prefixes)):
-            p.requires_grad_(False)
-            continue
-        p.requires_grad_(True)
-        groups.setdefault((is_head, p.ndim >= 2), []).append(p)
+    # Only the parts on this dataset's path train (a new head if needed); everything else stays frozen.
+    heads, encoder = net.fine_tune_parts(dataset, seed=seed)
     enc_lr = lr / 3 if encoder_lr is None else encoder_lr
+    groups = [(heads, lr), (encoder, enc_lr)]
     optim = torch.optim.AdamW(
-        [{"params": ps, "lr": lr if is_head else enc_lr, "weight_decay": weight_decay if decay else 0.0}
-         for (is_head, decay), ps in groups.items()],
+        [{"params": [p for p in ps if (p.ndim >= 2) == decay], "lr": group_lr,
+          "weight_decay": weight_decay if decay else 0.0}
+         for ps, group_lr in groups for decay in (True, False) if any((p.ndim >= 2) == decay for p in ps)],
         lr=lr, weight_decay=weight_decay,
     )
     steps_per_epoch = math.ceil(n / batch_size)
