@@ -7,6 +7,8 @@ their per-sample gradients from that first input alone.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,6 +154,53 @@ class PatchEmbed(nn.Module):
         return self.position(self.proj(x).flatten(2).transpose(1, 2))
 
 
+class ConvStem(nn.Module):
+    """Convolutional tokenizer: 3x3 convolutions (GroupNorm, GELU) that halve the resolution down to
+    the token grid, then LayerNorm and positions ("early convolutions help transformers see better",
+    Xiao et al. 2021). 2D: a stride-1 stage of ``width`` channels, then stride-2 stages doubling it,
+    the last one of ``dim``; 3D: stride-2 stages only (volumes are 27x larger).
+
+    2D: [B, C, H, W] -> [B, grid^2, dim];  3D: [B, C, D, H, W] -> [B, grid^3, dim]. Token i covers the
+    ``patch``-sided cell i of the grid (what masked reconstruction masks and predicts).
+    """
+
+    def __init__(self, *, ndim: int, in_channels: int, img_size: int, grid: int, dim: int, width: int):
+        super().__init__()
+        downs = max(1, round(math.log2(img_size / grid)))
+        self.ndim, self.in_channels, self.img_size = ndim, in_channels, img_size
+        side = img_size
+        for _ in range(downs):
+            side = (side + 1) // 2  # a 3x3 conv of stride 2 with padding 1
+        if img_size % side:
+            raise ValueError(f"a conv stem reaches a {side}-token grid from {img_size} pixels, which it does not "
+                             f"divide; choose a grid such as {[img_size // 2**k for k in range(1, 5) if img_size % 2**k == 0]}")
+        self.grid, self.patch = side, img_size // side
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        stages = [(width, 1)] if ndim == 2 else []
+        stages += [(width * 2 ** (i + (ndim == 2)), 2) for i in range(downs - 1)] + [(dim, 2)]
+        layers: list[nn.Module] = []
+        c = in_channels
+        for i, (out, stride) in enumerate(stages):
+            normed = i < len(stages) - 1  # a bias before a norm only adds a parameter with no gradient
+            layers.append(conv(c, out, kernel_size=3, stride=stride, padding=1, bias=not normed))
+            if normed:
+                layers += [nn.GroupNorm(min(8, out), out), nn.GELU()]
+            c = out
+        self.convs = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(dim)
+        self.position = AddPosition(self.grid, ndim, dim)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**self.ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_channels,) + (self.img_size,) * self.ndim
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        return self.position(self.norm(self.convs(x).flatten(2).transpose(1, 2)))
+
+
 class Prepend(nn.Module):
     """Prepends learnable tokens to a sequence: [B, N, dim] -> [B, T + N, dim]."""
 
@@ -212,12 +261,12 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
         w = module.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    elif isinstance(module, nn.LayerNorm):
+    elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
 
 __all__ = [
-    "Adapter", "AddPosition", "Attention", "Block", "CrossAttention", "CrossBlock", "MaskFill",
+    "Adapter", "AddPosition", "Attention", "Block", "ConvStem", "CrossAttention", "CrossBlock", "MaskFill",
     "Mlp", "PatchEmbed", "Prepend", "QueryTokens", "init_weights", "sincos_table",
 ]

@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 from medformer.data import DatasetInfo, get_info
-from medformer.layers import Adapter, Block, CrossBlock, PatchEmbed, Prepend, QueryTokens, init_weights
+from medformer.layers import Adapter, Block, ConvStem, CrossBlock, PatchEmbed, Prepend, QueryTokens, init_weights
+
+
+STEMS = ("patch", "conv")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,12 @@ class MedformerConfig:
         depth: number of transformer blocks in the body.
         heads: attention heads (must divide ``dim``).
         mlp_ratio: hidden width of the MLPs as a multiple of ``dim``.
-        grid_2d: tokens per side for 2D inputs (16 tokens at 4; patch = size / grid).
+        grid_2d: tokens per side for 28-pixel 2D inputs (``patch`` stem: 16 tokens at 4, patch = size /
+            grid; ``conv`` stem: 49 at 7, and a 64-pixel input gets the grid its stride-2 stages reach).
         grid_3d: tokens per side for 3D inputs (64 tokens at 4).
+        stem: the tokenizer of every input kind: ``patch`` (one linear projection per patch) or
+            ``conv`` (3x3 convolutions with GroupNorm down to the grid: ``layers.ConvStem``).
+        stem_width: channels of the conv stem's first stage (2D; 3D stems start at half).
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
         num_queries: query tokens per downstream task head.
@@ -52,6 +59,8 @@ class MedformerConfig:
     mlp_ratio: float = 2.0
     grid_2d: int = 4
     grid_3d: int = 4
+    stem: str = "patch"
+    stem_width: int = 32
     num_latents: int = 2
     adapter_dim: int = 32
     num_queries: int = 2
@@ -63,7 +72,10 @@ class MedformerConfig:
         problems = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if f.name == "stem":
+                if value not in STEMS:
+                    problems.append(f"stem={value!r} must be one of {', '.join(STEMS)}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 problems.append(f"{f.name}={value!r} must be a positive number")
         if not problems:
             if self.dim % self.heads:
@@ -74,22 +86,40 @@ class MedformerConfig:
             raise ValueError("invalid Medformer config: " + "; ".join(problems))
 
 
+#: Presets named by what they are, as timm names its models: size (tiny/small/base = width and depth),
+#: stem, and tokens of a 28-pixel 2D image.
 PRESETS: dict[str, MedformerConfig] = {
     # For tests: a few thousand parameters, milliseconds per step.
-    "tiny": MedformerConfig(dim=32, depth=1, heads=2, num_latents=1, adapter_dim=8, num_queries=1,
-                            decoder_dim=16, decoder_depth=1, decoder_heads=2),
-    # CPU-friendly default (~0.6M params): 16 tokens in 2D, 64 in 3D.
-    "default": MedformerConfig(),
-    # Wider and deeper, finer 2D grid (49 tokens): for machines with more compute.
-    "base": MedformerConfig(dim=192, depth=6, heads=6, mlp_ratio=4.0, grid_2d=7, num_latents=4,
-                            adapter_dim=48, num_queries=4, decoder_dim=128, decoder_depth=2, decoder_heads=4),
+    "medformer_tiny_patch16": MedformerConfig(dim=32, depth=1, heads=2, num_latents=1, adapter_dim=8, num_queries=1,
+                                              decoder_dim=16, decoder_depth=1, decoder_heads=2),
+    # Tests of the conv stem: the same tiny transformer behind a narrow conv stem.
+    "medformer_tiny_conv49": MedformerConfig(dim=32, depth=1, heads=2, grid_2d=7, stem="conv", stem_width=8,
+                                             num_latents=1, adapter_dim=8, num_queries=1, decoder_dim=16,
+                                             decoder_depth=1, decoder_heads=2),
+    # dim 128, depth 4 behind sixteen linearly projected 7x7 patches (64 in 3D): the first default.
+    "medformer_small_patch16": MedformerConfig(),
+    # The same body behind a conv stem: 49 tokens in 2D, 64 in 3D.
+    "medformer_small_conv49": MedformerConfig(grid_2d=7, stem="conv", stem_width=32),
+    # Wider and deeper, 49 linear patches: for machines with more compute.
+    "medformer_base_patch49": MedformerConfig(dim=192, depth=6, heads=6, mlp_ratio=4.0, grid_2d=7, num_latents=4,
+                                              adapter_dim=48, num_queries=4, decoder_dim=128, decoder_depth=2,
+                                              decoder_heads=4),
 }
+#: Short names: ``tiny`` for tests, ``default`` for the model the scenarios use.
+ALIASES: dict[str, str] = {"tiny": "medformer_tiny_patch16", "default": "medformer_small_conv49",
+                           "base": "medformer_base_patch49"}
+
+
+def preset_names() -> list[str]:
+    """Every name :func:`make_config` accepts: the aliases, then the presets."""
+    return [*ALIASES, *PRESETS]
 
 
 def make_config(preset: str = "default", **overrides) -> MedformerConfig:
-    """Preset by name, with field overrides. Unknown preset or field names are errors."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
+    """Preset by name (or alias), with field overrides. Unknown preset or field names are errors."""
+    if preset not in PRESETS and preset not in ALIASES:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(preset_names())}")
+    preset = ALIASES.get(preset, preset)
     fields = {f.name: f.type for f in dataclasses.fields(MedformerConfig)}
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -122,13 +152,17 @@ class InputAdaptformer(nn.Module):
         channels = int(kind.split("-")[1].rstrip("ch"))
         grid = cfg.grid_3d if ndim == 3 else cfg.grid_2d
         self.ndim = ndim
-        self.tokenizers = nn.ModuleDict(
-            {str(s): PatchEmbed(ndim=ndim, in_channels=channels, img_size=s, grid=grid, dim=cfg.dim)
-             for s in sorted(set(sizes))}
-        )
+
+        def tokenizer(size: int) -> nn.Module:
+            if cfg.stem == "conv":
+                return ConvStem(ndim=ndim, in_channels=channels, img_size=size, grid=grid, dim=cfg.dim,
+                                width=cfg.stem_width if ndim == 2 else max(1, cfg.stem_width // 2))
+            return PatchEmbed(ndim=ndim, in_channels=channels, img_size=size, grid=grid, dim=cfg.dim)
+
+        self.tokenizers = nn.ModuleDict({str(s): tokenizer(s) for s in sorted(set(sizes))})
         self.adapter = Adapter(cfg.dim, cfg.adapter_dim)
 
-    def tokenizer(self, size: int) -> PatchEmbed:
+    def tokenizer(self, size: int) -> PatchEmbed | ConvStem:
         try:
             return self.tokenizers[str(size)]
         except KeyError:
@@ -199,7 +233,7 @@ class Medformer(nn.Module):
         """Image -> positioned, adapted patch tokens: [B, C, *S] -> [B, N, dim]."""
         return self.inputs[self.info(dataset).input_kind](x)
 
-    def tokenizer(self, dataset: str, size: int) -> PatchEmbed:
+    def tokenizer(self, dataset: str, size: int) -> PatchEmbed | ConvStem:
         return self.inputs[self.info(dataset).input_kind].tokenizer(size)
 
     # ---- Body -----------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
 
 CASES = [("breastmnist", "tiny"), ("retinamnist", "tiny"), ("adrenalmnist3d", "tiny"),
-         ("breastmnist", "default"), ("adrenalmnist3d", "default")]
+         ("breastmnist", "medformer_tiny_conv49"), ("retinamnist", "medformer_tiny_conv49"),
+         ("adrenalmnist3d", "medformer_tiny_conv49"),
+         ("breastmnist", "medformer_small_patch16"), ("breastmnist", "default"), ("adrenalmnist3d", "default")]
 OBJECTIVES = {"mae": {"mae": 1.0}, "rotation": {"rotation": 1.0}, "mae+rotation": {"mae": 1.0, "rotation": 1.0}}
 B = 6
 

@@ -60,10 +60,15 @@ def _ids(cases):
 # --------------------------------------------------------------------------------------------------
 # Forward / backward over every input kind and size
 # --------------------------------------------------------------------------------------------------
+#: Every tokenizer kind: linear patches (``tiny``) and the conv stem.
+STEMS = ["tiny", "medformer_tiny_conv49"]
+
+
+@pytest.mark.parametrize("preset", STEMS)
 @pytest.mark.parametrize(("flag", "size"), CASES, ids=_ids(CASES))
-def test_forward_backward_every_kind_and_size(flag: str, size: int) -> None:
+def test_forward_backward_every_kind_and_size(flag: str, size: int, preset: str) -> None:
     torch.manual_seed(0)
-    model = build_medformer(make_config("tiny"), [(flag, size)])
+    model = build_medformer(make_config(preset), [(flag, size)])
     x = _batch(flag, size)
     out = model(x, flag)
     assert out.shape == (3, get_info(flag).num_outputs)
@@ -84,11 +89,12 @@ def test_model_rejects_unknown_size_and_dataset() -> None:
 
 
 @pytest.mark.real_data
-def test_one_model_for_all_real_files(real_data_dir) -> None:
+@pytest.mark.parametrize("preset", STEMS)
+def test_one_model_for_all_real_files(real_data_dir, preset: str) -> None:
     """One Medformer handles a batch of each real file: every pretext loss and every head."""
     torch.manual_seed(0)
     objective = PretextObjective(ALL_TASKS)
-    model = build_pretext_model(make_config("tiny"), REAL, objective, downstream_heads=True)
+    model = build_pretext_model(make_config(preset), REAL, objective, downstream_heads=True)
     gen = torch.Generator().manual_seed(0)
     for flag, size in REAL:
         x = _real_batch(real_data_dir, flag, size)
@@ -212,11 +218,11 @@ def _assert_same_per_sample(model, fn, args, use_vmap=True) -> None:
 PS_CASES = [("breastmnist", 28), ("retinamnist", 28), ("adrenalmnist3d", 28)]
 
 
-@pytest.fixture(scope="module")
-def ps_model() -> Medformer:
+@pytest.fixture(scope="module", params=STEMS)
+def ps_model(request) -> Medformer:
     torch.manual_seed(0)
     objective = PretextObjective({"mae": 1.0, "rotation": 1.0})
-    return build_pretext_model(make_config("tiny"), PS_CASES, objective, downstream_heads=True)
+    return build_pretext_model(make_config(request.param), PS_CASES, objective, downstream_heads=True)
 
 
 @pytest.mark.parametrize(("flag", "size"), PS_CASES, ids=_ids(PS_CASES))
@@ -263,9 +269,10 @@ def test_per_sample_gradients_rotation(ps_model, flag: str, size: int) -> None:
 # Config
 # --------------------------------------------------------------------------------------------------
 def test_make_config_presets_and_overrides() -> None:
-    assert make_config() == MedformerConfig()
+    assert make_config("medformer_small_patch16") == MedformerConfig()
+    assert make_config() == make_config("default") == make_config("medformer_small_conv49")
     assert make_config("tiny", depth=2).depth == 2
-    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose from tiny, default, base"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose from tiny, default, base, medformer_"):
         make_config("huge")
     with pytest.raises(ValueError, match=r"unknown model field\(s\) wdth, width; valid: dim, depth"):
         make_config("tiny", wdth=3, width=4)

@@ -5,6 +5,11 @@ tokens, ``forward_encoder`` runs only those (and the dataset's latents) through 
 ``forward_decoder`` (a light decoder) predicts every patch's pixels from the visible ones and mask
 tokens, and ``forward_loss`` is the mean squared error over the masked patches, each target
 normalised per patch (MAE's ``norm_pix_loss``). The loss of image i depends on image i alone.
+
+With a convolutional stem (``layers.ConvStem``) a token sees its neighbours' pixels, so the masked
+patches are zeroed in the image BEFORE the stem (as SparK and ConvMAE keep masked content out of
+their conv stages): no visible token carries a masked pixel. For a linear patch embedding this
+changes nothing (each token sees its own patch only).
 """
 from __future__ import annotations
 
@@ -26,6 +31,17 @@ def geometry(cfg: MedformerConfig, flag: str, size: int) -> tuple[str, int, int,
     ndim = 3 if info.is_3d else 2
     grid = cfg.grid_3d if info.is_3d else cfg.grid_2d
     return f"{info.input_kind}-{size}", ndim, grid, size // grid, info.n_channels
+
+
+def hide_masked(x: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """Images with the masked patches set to 0: x [B, C, *S], mask [B, N] (1 = masked) on the token
+    grid (row-major, as ``patchify``), ``patch`` pixels per token side."""
+    b, ndim = x.shape[0], x.dim() - 2
+    grid = x.shape[-1] // patch
+    keep = (1 - mask).view(b, 1, *(grid,) * ndim)
+    for axis in range(2, 2 + ndim):
+        keep = keep.repeat_interleave(patch, dim=axis)
+    return x * keep.to(x.dtype)
 
 
 class MAEDecoder(nn.Module):
@@ -86,9 +102,12 @@ class MaskedReconstruction(PretextTask):
         mask[:, :n_keep] = 0
         return ids_shuffle[:, :n_keep], torch.gather(mask, 1, ids_shuffle.argsort(dim=1))
 
-    def forward_encoder(self, model: Medformer, x: torch.Tensor, dataset: str, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Only the visible patch tokens (and the latents) through the body: [B, T + n_keep, dim]."""
-        tokens = model.patch_tokens(x, dataset)                        # [B, N, dim]
+    def forward_encoder(self, model: Medformer, x: torch.Tensor, dataset: str, ids_keep: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+        """Masked pixels zeroed, then only the visible tokens (and the latents) through the body:
+        [B, T + n_keep, dim]."""
+        patch = model.tokenizer(dataset, x.shape[-1]).patch
+        tokens = model.patch_tokens(hide_masked(x, mask, patch), dataset)  # [B, N, dim]
         visible = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
         return model.encode_tokens(visible, dataset)
 
@@ -105,7 +124,7 @@ class MaskedReconstruction(PretextTask):
         tok = model.tokenizer(dataset, x.shape[-1])
         key = f"{model.info(dataset).input_kind}-{x.shape[-1]}"
         ids_keep, mask = self.random_masking(noise)
-        encoded = self.forward_encoder(model, x, dataset, ids_keep)
+        encoded = self.forward_encoder(model, x, dataset, ids_keep, mask)
         pred = model.outputs[self.name](encoded, ids_keep, mask, key, model.cfg.num_latents)
         return self.forward_loss(x, pred, mask, tok.patch)
 
