@@ -256,6 +256,25 @@ def test_label_fraction_subsamples_validation_in_the_same_proportion(synth_dir) 
     assert linear_probe(_model("bloodmnist"), sp, "bloodmnist", Cs=(1.0,))["n_val"] == n_val
 
 
+class _SealedTest:
+    """A test split that fails the moment anything but its name is read."""
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read ({name}) while choosing settings")
+
+
+def test_choosing_settings_never_reads_the_test_split(synth_dir) -> None:
+    sp = dict(_splits(synth_dir, "breastmnist"))
+    sp["test"] = _SealedTest("breastmnist")
+    probe = linear_probe(_model("breastmnist"), sp, "breastmnist", Cs=(0.1, 1.0), score_test=False)
+    assert probe["auc"] == probe["val_auc"] and probe["acc"] == probe["val_acc"]
+    ft = fine_tune(_model("breastmnist"), sp, "breastmnist", epochs=2, batch_size=16, score_test=False)
+    assert ft["auc"] == ft["val_auc"]
+
+
 def test_linear_probe_rejects_wrong_splits(synth_dir) -> None:
     sp = _splits(synth_dir, "breastmnist")
     with pytest.raises(ValueError, match="breastmnist"):

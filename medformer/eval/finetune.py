@@ -34,6 +34,7 @@ def fine_tune(
     augment: bool = False,
     validations: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    score_test: bool = True,
 ) -> dict[str, Any]:
     """End-to-end fine-tuning of a copy of ``model`` with the downstream head of ``dataset``.
 
@@ -60,6 +61,8 @@ def fine_tune(
             instead of after every epoch; long fine-tunes of tiny label subsets would otherwise
             spend most of their time on validation.
         progress: called after every epoch with ``{epoch, train_loss, val_auc, val_acc}``.
+        score_test: score the chosen epoch on test; False (choosing settings) leaves test unread and
+            reports the validation metrics as ``auc``/``acc``.
 
     Returns:
         ``auc``, ``acc`` (test, official), ``val_auc``, ``val_acc``, ``epochs``, ``best_epoch``,
@@ -130,8 +133,9 @@ def fine_tune(
 
     net.load_state_dict(best_state)
     net.eval()
-    test = official_metrics(splits["test"].labels,
-                            predict_scores(net, splits["test"], dataset, task, batch_size=max(batch_size, 256)), task)
+    # Choosing settings (score_test=False) never touches test: the result's auc/acc are then val's.
+    test = best_val if not score_test else official_metrics(
+        splits["test"].labels, predict_scores(net, splits["test"], dataset, task, batch_size=max(batch_size, 256)), task)
     result = {
         "auc": test["auc"], "acc": test["acc"], "val_auc": best_val["auc"], "val_acc": best_val["acc"],
         "epochs": epochs, "best_epoch": best_epoch, "n_train": n, "n_val": len(val_split),

@@ -74,6 +74,7 @@ def linear_probe(
     seed: int = 0,
     Cs: Iterable[float] = DEFAULT_CS,
     batch_size: int = 512,
+    score_test: bool = True,
 ) -> dict[str, Any]:
     """Linear evaluation of the frozen encoder.
 
@@ -91,6 +92,8 @@ def linear_probe(
         seed: seed of the label subset; the fit itself is deterministic.
         Cs: inverse L2 strengths to try.
         batch_size: images per forward pass when extracting features.
+        score_test: score the chosen C on test; False (choosing settings) leaves test unread and
+            reports the validation metrics as ``auc``/``acc``.
 
     Returns:
         ``auc``, ``acc`` (test, official), ``val_auc``, ``val_acc``, ``C``, ``n_train``, ``seconds``.
@@ -100,8 +103,8 @@ def linear_probe(
     info = get_info(dataset)
     train, val_split = labelled_subsets(splits, info.task, fraction=label_fraction, max_examples=max_train_examples,
                                         seed=seed)
-    feats = {name: extract_features(model, sp, dataset, batch_size=batch_size)
-             for name, sp in (("train", train), ("val", val_split), ("test", splits["test"]))}
+    parts = [("train", train), ("val", val_split)] + ([("test", splits["test"])] if score_test else [])
+    feats = {name: extract_features(model, sp, dataset, batch_size=batch_size) for name, sp in parts}
     mean = feats["train"].mean(axis=0, dtype=np.float64)
     std = feats["train"].std(axis=0, dtype=np.float64) + 1e-6
     z = {k: (v - mean) / std for k, v in feats.items()}  # (N, dim) float64
@@ -118,7 +121,8 @@ def linear_probe(
         if best is None:
             raise ValueError("Cs is empty; give at least one L2 strength")
         _, c_best, predict, val = best
-        test = official_metrics(splits["test"].labels, predict(z["test"]), info.task)
+        # Choosing settings (score_test=False) never touches test: the result's auc/acc are then val's.
+        test = official_metrics(splits["test"].labels, predict(z["test"]), info.task) if score_test else val
     result = {
         "auc": test["auc"], "acc": test["acc"], "val_auc": val["auc"], "val_acc": val["acc"],
         "C": c_best, "n_train": len(train), "n_val": len(val_split), "seconds": time.perf_counter() - t0,
