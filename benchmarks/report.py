@@ -46,12 +46,14 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
               f"details in [results/quality-{q['preset']}.md](results/quality-{q['preset']}.md).", ""]
     cols = [("random_init", "random init + LP"), ("local_only", "local-only SSL + LP"),
             ("federated_probe", "**federated SSL + LP**"), ("centralized", "centralized SSL + LP"),
-            ("federated_finetune", "**federated SSL + FT**"), ("supervised_scratch", "supervised scratch FT")]
+            ("dp_federated_probe", "federated SSL DP eps 8 + LP"), ("federated_finetune", "**federated SSL + FT**"),
+            ("supervised_scratch", "Medformer scratch FT"), ("cnn_scratch", "small CNN scratch FT")]
     rows = []
     for d in q["datasets"]:
         t = s["table"][d]
-        fl = s["federated_minus_local_only_probe_auc"][d]
-        rows.append([d] + [fmt_ms(t[c]["auc"]) for c, _ in cols]
+        fl = s["pairs"]["federated_minus_local_only_probe"][d] if "pairs" in s \
+            else s["federated_minus_local_only_probe_auc"][d]  # a result of the first benchmark layout
+        rows.append([d] + [fmt_ms(t[c]["auc"]) if c in t else "—" for c, _ in cols]
                     + [f"{ANCHORS[d]['auc']:.3f}", fmt_ms(fl, signed=True),
                        fmt_ms(s["label_efficiency"][d].get("federated@0.1")) + " vs "
                        + fmt_ms(s["label_efficiency"][d].get("random@0.1"))])

@@ -23,7 +23,7 @@ import yaml
 from config.errors import did_you_mean, show
 from medformer import data as mdata
 from medformer.dp.accounting import ACCOUNTANTS
-from medformer.model import PRESETS
+from medformer.model import preset_names
 from medformer.pretext import TASKS
 from medformer.settings import setting
 from medformer.train import TrainingSpec
@@ -61,7 +61,7 @@ class ModelSpec:
             validates names and values, here only: keys are identifiers, values numbers.
     """
 
-    preset: str = setting("default", choices=lambda: PRESETS)
+    preset: str = setting("default", choices=preset_names)
     overrides: dict[str, int | float] = field(default_factory=dict)
 
     def _check(self) -> list[tuple[tuple, str]]:

@@ -42,7 +42,8 @@ import torch
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, DATASETS, RESULTS, command_line, fmt_seconds, load_average,
                                machine_info, now, write_atomic, write_result)
-from benchmarks.quality.experiment import METHODS, PRESETS, PRETRAINED, QUICK_LABEL, Experiment, append_row, read_rows
+from benchmarks.quality.experiment import (METHODS, PRESETS, PRETRAINED, QUICK_LABEL, Experiment, append_row, read_rows,
+                                           with_overrides)
 from benchmarks.quality.plan import plan
 from benchmarks.quality.summary import evaluate_targets, render_markdown, summarize
 from config import ScenarioError
@@ -62,6 +63,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="hospitals of the federation and datasets evaluated (default: %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help="rows to run (default: %(default)s)")
     p.add_argument("--rounds", type=int, help="override the preset's federated rounds")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test: score the configuration (once); val: choose settings, every row scored on "
+                        "validation and the test split never read; rows go to quality-<preset>-val.jsonl")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="scenario override on top of the preset's (e.g. pretext={mae: 1}; repeatable)")
+    p.add_argument("--dp-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="scenario override for the dp_federated row only (repeatable)")
+    p.add_argument("--ft", action="append", default=[], metavar="FIELD=VALUE",
+                   help="fine-tune / preset field override, YAML value (e.g. min_steps=300; repeatable)")
     p.add_argument("--data-dir", help="MedMNIST folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (default: %(default)s)")
@@ -101,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         preset = dataclasses.replace(preset, sets=tuple(s for s in preset.sets if not s.startswith("training.rounds="))
                                      + (f"training.rounds={args.rounds}",))
+    try:
+        preset = with_overrides(preset, sets=args.set, dp_sets=args.dp_set, fields=args.ft)
+    except ValueError as e:
+        print(f"quality: error: {e}", file=sys.stderr)
+        return 2
     seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"), None, "seeds")]
     datasets = _csv(args.datasets, DATASETS, "datasets")
     methods = _csv(args.methods, METHODS, "methods")
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         data_dir = str(resolve_data_dir(args.data_dir))
-        exp = Experiment(preset_name, preset, datasets, data_dir, out)
+        exp = Experiment(preset_name, preset, datasets, data_dir, out, split=args.split)
         for d in datasets:  # every file found and MD5-checked before hours of work, not midway
             exp.splits(d)
     except (DataError, ScenarioError) as e:
@@ -128,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"estimated wall time at the {which} measured FLOP rate: "
                       f"{fmt_seconds(pl[f'estimated_seconds_{which}'])}", file=sys.stderr)
         return 0
-    jsonl = out / f"quality-{preset_name}.jsonl"
+    name = f"quality-{preset_name}" + ("-val" if args.split == "val" else "")
+    jsonl = out / f"{name}.jsonl"
     rows_all = read_rows(jsonl)
     mine = {(r["method"], r["dataset"], r["seed"]): r for r in rows_all if r.get("fingerprint") == exp.fingerprint}
     others = len(rows_all) - len(mine)
@@ -147,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                 interrupted = True
                 log.warning("interrupted; %d rows saved in %s; rerun the same command to continue", i - 1, jsonl)
                 break
-            row = {"fingerprint": exp.fingerprint, "preset": preset_name, "method": method, "dataset": dataset,
-                   "seed": seed, "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),
+            row = {"fingerprint": exp.fingerprint, "preset": preset_name, "split": args.split, "method": method,
+                   "dataset": dataset, "seed": seed, "overrides": {"set": args.set, "dp_set": args.dp_set,
+                                                                    "ft": args.ft, "rounds": args.rounds},
+                   "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),
                    "threads": torch.get_num_threads(), "load_average": load_average(), "finished_at": now()}
             append_row(jsonl, row)
             mine[(method, dataset, seed)] = row
@@ -162,15 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows, datasets)
     compute = {"rows (sum of row wall times)": sum(r["seconds"] for r in rows)}
     for method in PRETRAINED:
-        path = out / "cache" / f"quality-{preset_name}-{exp.fingerprint}"
+        path = out / "cache" / f"quality-{preset_name}-{exp.pretrain_fingerprint}"
         secs = [json.loads(torch.load(f, weights_only=True)["log"]).get("seconds", 0.0)
                 for f in sorted(path.glob(f"{method}-seed*.pt"))] if path.exists() else []
         if secs:
             compute[f"{method} pretraining, per seed"] = sum(secs) / len(secs)
     compute["this invocation"] = time.perf_counter() - t_start
     payload = {
-        "benchmark": "quality", "preset": preset_name, "quick": args.quick,
-        "label": QUICK_LABEL if args.quick else "full benchmark",
+        "benchmark": "quality", "preset": preset_name, "quick": args.quick, "split": args.split,
+        "label": QUICK_LABEL if args.quick else ("VALIDATION: choosing settings; the test split was not read"
+                                                 if args.split == "val" else "full benchmark"),
         "machine": machine_info(), "command": command_line(), "seeds": summary["seeds"], "datasets": datasets,
         "methods": list(METHODS), "fingerprint": exp.fingerprint, "settings": exp.describe(),
         "federation_note": "in-process, without Flower's messages: per round every site runs the product's "
@@ -183,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary, "rows_file": str(jsonl.relative_to(out)) if jsonl.is_relative_to(out) else str(jsonl),
     }
     payload["targets"] = evaluate_targets(summary, datasets, compute["rows (sum of row wall times)"], complete,
-                                          args.quick)
-    js, md = write_result(out, f"quality-{preset_name}", payload, render_markdown(payload))
+                                          args.quick or args.split == "val")
+    js, md = write_result(out, name, payload, render_markdown(payload))
     log.info("wrote %s and %s (%s this invocation)", js, md, fmt_seconds(compute["this invocation"]))
-    if not args.no_report and out.resolve() == RESULTS.resolve():
+    if not args.no_report and args.split == "test" and out.resolve() == RESULTS.resolve():
         from benchmarks import report
         with contextlib.suppress(Exception):
             report.main([])

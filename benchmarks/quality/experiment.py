@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks.common import REPO, load_average
 from client.round import train_round
 from config import Scenario, ScenarioError, load_scenario
+from medformer.baselines import small_cnn
 from medformer.data import MedMNISTSplit, load_splits
 from medformer.eval import fine_tune, label_subset, linear_probe, random_init_reference
 from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
@@ -37,9 +39,10 @@ from server.strategy import make_aggregator
 
 log = logging.getLogger("benchmarks.quality")
 
-METHODS: tuple[str, ...] = ("random_init", "local_only", "federated", "centralized", "supervised_scratch",
-                            "label_efficiency")
-PRETRAINED = ("local_only", "federated", "centralized")
+METHODS: tuple[str, ...] = ("random_init", "local_only", "federated", "centralized", "dp_federated",
+                            "supervised_scratch", "cnn_scratch", "label_efficiency")
+PRETRAINED = ("local_only", "federated", "centralized", "dp_federated")
+SPLITS = ("test", "val")
 QUICK_LABEL = "QUICK MODE: tiny model and a few steps; checks that every row runs, NOT for the numbers"
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class Preset:
         min_steps: every fine-tune takes at least this many optimizer steps (more epochs on small
             training sets and label subsets), for both inits alike.
         validations: validation passes per fine-tune (evenly spaced; None = every epoch).
+        dp_sets: overrides for the ``dp_federated`` row on top of ``sets``: DP-SGD and a pretext whose
+            loss is a sum of per-sample terms.
     """
 
     scenario: str = "simulations/configs/five-hospitals.yaml"
@@ -72,6 +77,7 @@ class Preset:
     label_fractions: tuple[float, ...] = (0.01, 0.1)
     min_steps: int = 50
     validations: int | None = None
+    dp_sets: tuple[str, ...] = ("pretext={mae: 1.0}", "privacy={target_epsilon: 8.0}")
 
     def fine_tune_epochs_for(self, n_train: int) -> int:
         """Epochs of a fine-tune on ``n_train`` labelled examples (the rows and the plan agree)."""
@@ -97,6 +103,21 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def with_overrides(preset: Preset, *, sets: Sequence[str] = (), dp_sets: Sequence[str] = (),
+                   fields: Sequence[str] = ()) -> Preset:
+    """The preset with extra scenario overrides and ``field=value`` (YAML) preset fields."""
+    changes: dict[str, Any] = {}
+    names = {f.name: f for f in dataclasses.fields(Preset)}
+    for item in fields:
+        key, sep, text = item.partition("=")
+        if not sep or key.strip() not in names:
+            raise ValueError(f"--ft {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
+        value = yaml.safe_load(text)
+        changes[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(preset, **changes, sets=tuple(preset.sets) + tuple(sets),
+                               dp_sets=tuple(changes.get("dp_sets", preset.dp_sets)) + tuple(dp_sets))
+
+
 @dataclass
 class Pretrained:
     """Encoder weights per dataset after one pretraining method, and what it cost."""
@@ -106,16 +127,24 @@ class Pretrained:
 
 
 class Experiment:
-    """The preset, the scenario, the data and the cached pretrainings of one benchmark run."""
+    """The preset, the scenario, the data and the cached pretrainings of one benchmark run.
 
-    def __init__(self, preset_name: str, preset: Preset, datasets: Sequence[str], data_dir: str, out: Path):
-        self.preset_name, self.preset = preset_name, preset
+    ``split="val"`` chooses settings: every row is scored on the validation split and the test split
+    is never read (``score_test=False``); ``"test"`` scores the chosen configuration once.
+    """
+
+    def __init__(self, preset_name: str, preset: Preset, datasets: Sequence[str], data_dir: str, out: Path,
+                 split: str = "test"):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        self.preset_name, self.preset, self.split = preset_name, preset, split
         self.datasets = list(datasets)
         self.data_dir = data_dir
         self.out = out
         path = Path(preset.scenario)
         self.scenario_path = path if path.is_absolute() else REPO / path
         self.scenario: Scenario = load_scenario(self.scenario_path, list(preset.sets))
+        self.dp_scenario: Scenario = load_scenario(self.scenario_path, [*preset.sets, *preset.dp_sets])
         by_dataset = {h.dataset: h for h in self.scenario.hospitals}
         missing = [d for d in self.datasets if d not in by_dataset]
         if missing:
@@ -130,11 +159,15 @@ class Experiment:
         self.objective = PretextObjective(sc.pretext, mask_ratio=sc.mask_ratio)
         self.spec = sc.training
         self.fingerprint = self._fingerprint()
+        # Pretrainings do not depend on the split or the fine-tune recipe: selection and test runs share them.
+        self.pretrain_fingerprint = hashlib.sha256(json.dumps(
+            {"datasets": self.datasets, "scenario": self.scenario.to_dict(), "dp": self.dp_scenario.to_dict()},
+            sort_keys=True).encode()).hexdigest()[:12]
         self._splits: dict[str, dict[str, MedMNISTSplit]] = {}
         self._pretrained: dict[tuple[str, int], Pretrained] = {}
 
     def _fingerprint(self) -> str:
-        blob = json.dumps({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets,
+        blob = json.dumps({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets, "split": self.split,
                            "scenario": self.scenario.to_dict()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -143,7 +176,9 @@ class Experiment:
         return {
             "preset": self.preset_name, **dataclasses.asdict(self.preset),
             "model": {"preset": sc.model.preset, **dataclasses.asdict(self.cfg)},
-            "pretext": dict(sc.pretext), "mask_ratio": sc.mask_ratio,
+            "pretext": dict(sc.pretext), "mask_ratio": sc.mask_ratio, "split": self.split,
+            "dp": {"pretext": dict(self.dp_scenario.pretext),
+                   "privacy": dataclasses.asdict(self.dp_scenario.privacy) if self.dp_scenario.privacy else None},
             "federation": {"hospitals": {h.name: h.dataset for h in self.hospitals}, "rounds": sc.training.rounds,
                            "local_epochs": sc.training.local_epochs, "local_steps": sc.training.local_steps,
                            "batch_size": sc.training.batch_size, "lr": sc.training.lr,
@@ -160,10 +195,10 @@ class Experiment:
         return self.spec.steps(len(self.splits(dataset)["train"]))
 
     # ---- models -----------------------------------------------------------------------------------
-    def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
+    def initial_state(self, seed: int, objective: PretextObjective | None = None) -> dict[str, torch.Tensor]:
         """The global model at round 0 (as ``server.federation.Federation.initial_arrays``)."""
         torch.manual_seed(seed)
-        model = build_pretext_model(self.cfg, [(d, 28) for d in self.datasets], self.objective)
+        model = build_pretext_model(self.cfg, [(d, 28) for d in self.datasets], objective or self.objective)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def encoder(self, state: dict[str, torch.Tensor], dataset: str) -> Medformer:
@@ -185,7 +220,7 @@ class Experiment:
             return self._pretrained[key]
         for other in [k for k in self._pretrained if k[1] != seed]:  # keep one seed's weights in memory
             del self._pretrained[other]
-        path = self.out / "cache" / f"quality-{self.preset_name}-{self.fingerprint}" / f"{method}-seed{seed}.pt"
+        path = self.out / "cache" / f"quality-{self.preset_name}-{self.pretrain_fingerprint}" / f"{method}-seed{seed}.pt"
         if path.exists():
             blob = torch.load(path, weights_only=True)
             pre = Pretrained(blob["states"], json.loads(blob["log"]))
@@ -195,7 +230,8 @@ class Experiment:
             if method == "centralized":
                 pre = self._pretrain_centralized(seed)
             else:
-                pre = self._pretrain_hospitals(seed, aggregate=method == "federated")
+                pre = self._pretrain_hospitals(seed, aggregate=method != "local_only",
+                                               scenario=self.dp_scenario if method == "dp_federated" else None)
             pre.log["seconds"] = time.perf_counter() - t0
             pre.log["load_average_after"] = load_average()
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,21 +242,26 @@ class Experiment:
         self._pretrained[key] = pre
         return pre
 
-    def _pretrain_hospitals(self, seed: int, *, aggregate: bool) -> Pretrained:
+    def _pretrain_hospitals(self, seed: int, *, aggregate: bool, scenario: Scenario | None = None) -> Pretrained:
         """Federated (``aggregate``) or local-only pretraining, with the product's own round: every
         round each site runs ``client.round.train_round`` on the instructions ``server.instructions``
         gives it, and the federation combines the replies with ``server.rounds.Aggregator`` (what
-        ``KeyedFedAvg`` does). Local-only: the same rounds, seeds and batches, without the averaging."""
-        sc = dataclasses.replace(self.scenario, seed=seed)
+        ``KeyedFedAvg`` does). Local-only: the same rounds, seeds and batches, without the averaging.
+        ``scenario`` (the DP row's) replaces the preset's; each site's accountant then carries over
+        from round to round, as its ClientApp's does."""
+        sc = dataclasses.replace(scenario or self.scenario, seed=seed)
+        objective = PretextObjective(sc.pretext, mask_ratio=sc.mask_ratio)
         rounds = sc.training.rounds
-        glob = {k: v.numpy() for k, v in self.initial_state(seed).items()}
+        glob = {k: v.numpy() for k, v in self.initial_state(seed, objective).items()}
         aggregator = make_aggregator(sc)
         instructor = Instructor(sc, data_dir=self.data_dir, privacy_states={})
         sites = {s.dataset: dataclasses.replace(s, data_dir=self.data_dir) for s in sc.clients()
                  if s.dataset in self.datasets}
-        keys = {d: list(build_pretext_model(self.cfg, [(d, 28)], self.objective).state_dict()) for d in sites}
+        keys = {d: list(build_pretext_model(self.cfg, [(d, 28)], objective).state_dict()) for d in sites}
         own: dict[str, dict[str, np.ndarray]] = {}
         losses: dict[str, list[float]] = {d: [] for d in sites}
+        ledgers: dict[str, str | None] = {d: None for d in sites}
+        privacy: dict[str, dict[str, float]] = {}
         threads = torch.get_num_threads()
         for rnd in range(1, rounds + 1):
             updates, sent = [], {}
@@ -229,8 +270,14 @@ class Experiment:
                 received = {k: source[k] for k in keys[d]}
                 ins = dataclasses.replace(instructor(site, rnd), threads=threads)
                 out = train_round(ins, site, {k: torch.from_numpy(np.array(v)) for k, v in received.items()},
-                                  ledger_state=None, optimizer_state=None)
+                                  ledger_state=ledgers[d], optimizer_state=None)
+                if out.refusal is not None:
+                    raise RuntimeError(f"{site.name} refused round {rnd}: {out.refusal}")
                 losses[d].append(out.result.loss)
+                if out.ledger is not None:
+                    ledgers[d] = out.ledger.to_json()
+                    privacy[d] = {"epsilon": out.ledger.epsilon(), "delta": out.plan.delta,
+                                  "noise_multiplier": out.plan.noise_multiplier, "steps": out.ledger.steps}
                 state = {k: v.detach().numpy().copy() for k, v in out.trained.items()}
                 if aggregate:
                     updates.append(Update(site.name, state, out.result.num_examples))
@@ -244,7 +291,7 @@ class Experiment:
                  for d in sites}
         states = {d: self._encoder_keys(final[d], d) for d in sites}
         steps = {d: rounds * self.steps_per_round(d) for d in sites}
-        return Pretrained(states, {"steps": steps, "loss_per_round": losses, "rounds": rounds})
+        return Pretrained(states, {"steps": steps, "loss_per_round": losses, "rounds": rounds, "privacy": privacy})
 
     def _pretrain_centralized(self, seed: int) -> Pretrained:
         """One model and optimizer over the pooled data (``medformer.train.train_pooled``): the
@@ -271,17 +318,20 @@ class Experiment:
         p = self.preset
         splits = self.splits(dataset)
         cap = p.max_train_examples
-        ft = p.fine_tune_kwargs(seed)
+        ft = {**p.fine_tune_kwargs(seed), "score_test": self.split == "test"}
+        probe = dict(seed=seed, max_train_examples=cap, score_test=self.split == "test")
 
-        def all_labels(model: Medformer) -> dict[str, float]:
+        def all_labels(model) -> dict[str, float]:
             n = len(label_subset(splits["train"].labels, splits["train"].info.task, max_examples=cap, seed=seed))
             return _numbers(fine_tune(model, splits, dataset, **ft, epochs=p.fine_tune_epochs_for(n)))
 
         if method == "random_init":
-            return {"linear_probe": _numbers(random_init_reference(self.cfg, (dataset, 28), splits, seed,
-                                                                   max_train_examples=cap))}
+            return {"linear_probe": _numbers(random_init_reference(self.cfg, (dataset, 28), splits, **probe))}
         if method == "supervised_scratch":
             return {"fine_tune": all_labels(self.random_model(dataset, seed))}
+        if method == "cnn_scratch":
+            cnn = small_cnn(dataset, seed=seed)
+            return {"fine_tune": all_labels(cnn), "parameters": sum(q.numel() for q in cnn.parameters())}
         if method == "label_efficiency":
             out = {}
             fed = self.encoder(self.pretrained("federated", seed).states[dataset], dataset)
@@ -295,8 +345,10 @@ class Experiment:
             return out
         pre = self.pretrained(method, seed)
         model = self.encoder(pre.states[dataset], dataset)
-        out = {"linear_probe": _numbers(linear_probe(model, splits, dataset, seed=seed, max_train_examples=cap)),
+        out = {"linear_probe": _numbers(linear_probe(model, splits, dataset, **probe)),
                "pretrain": {"steps": pre.log["steps"][dataset], "seconds_all_hospitals": pre.log.get("seconds")}}
+        if pre.log.get("privacy", {}).get(dataset):
+            out["privacy"] = pre.log["privacy"][dataset]
         if method == "federated":
             out["fine_tune"] = all_labels(model)
         return out
