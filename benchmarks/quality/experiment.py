@@ -331,7 +331,7 @@ class Experiment:
             return {"fine_tune": all_labels(self.random_model(dataset, seed))}
         if method == "cnn_scratch":
             cnn = small_cnn(dataset, seed=seed)
-            return {"fine_tune": all_labels(cnn), "parameters": sum(q.numel() for q in cnn.parameters())}
+            return {"fine_tune": {**all_labels(cnn), "parameters": float(sum(q.numel() for q in cnn.parameters()))}}
         if method == "label_efficiency":
             out = {}
             fed = self.encoder(self.pretrained("federated", seed).states[dataset], dataset)
