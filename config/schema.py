@@ -417,6 +417,9 @@ class Scenario:
             elif weight <= 0:
                 problems.append((("pretext", task), f"weight must be > 0, got {show(weight)}; "
                                  "remove the task to disable it"))
+        if set(self.pretext) == {"bridge"}:
+            problems.append((("pretext", "bridge"), "needs another task beside it (at 2D sites its loss "
+                             "is 0); e.g. pretext: {mae: 1.0, bridge: 0.5}"))
         if not self.hospitals:
             problems.append((("hospitals",), "needs at least one hospital"))
             return problems
@@ -455,7 +458,7 @@ class Scenario:
         for task in coupled if private else ():
             problems.append((("pretext", task), f"task '{task}' couples the examples of a batch, "
                              f"so DP-SGD cannot bound per-example privacy (hospital "
-                             f"'{private[0]}' uses privacy); drop it or use simsiam"))
+                             f"'{private[0]}' uses privacy); drop it or use simsiam or distill"))
 
         if self.client_dp is not None and self.strategy.name in ("median", "trimmed-mean"):
             problems.append((("client_dp",), f"client-level DP needs a mean-based strategy, not "

@@ -301,7 +301,8 @@ def scope_of(key: str) -> str:
 
 
 def build_medformer(cfg: MedformerConfig, datasets: Iterable[DatasetRef], *, downstream_heads: bool = True,
-                    extra_outputs: Mapping[str, nn.Module] | None = None) -> Medformer:
+                    extra_outputs: Mapping[str, nn.Module] | None = None,
+                    extra_inputs: Iterable[tuple[str, int]] = ()) -> Medformer:
     """A Medformer for ``datasets`` (MedMNIST flags, or (flag, size) pairs), freshly initialised.
 
     Args:
@@ -310,12 +311,15 @@ def build_medformer(cfg: MedformerConfig, datasets: Iterable[DatasetRef], *, dow
         downstream_heads: an ``outputs.<dataset>`` head per dataset (central evaluation builds them;
             a hospital's pretraining model does not need them).
         extra_outputs: further output modules by task name (pretext heads), kept under ``outputs.``.
+        extra_inputs: further (input kind, size) tokenizers a pretext task uses (``bridge``).
     """
     datasets = normalise_datasets(datasets)
     infos = {f: get_info(f) for f, _ in datasets}
     sizes_by_kind: dict[str, list[int]] = {}
     for flag, size in datasets:
         sizes_by_kind.setdefault(infos[flag].input_kind, []).append(size)
+    for kind, size in extra_inputs:
+        sizes_by_kind.setdefault(kind, []).append(size)
     inputs = nn.ModuleDict({k: InputAdaptformer(k, s, cfg) for k, s in sizes_by_kind.items()})
     latents = nn.ModuleDict({f: Prepend(cfg.num_latents, cfg.dim) for f in infos})
     body = Body(cfg)

@@ -186,6 +186,7 @@ def train_pooled(model: Medformer, objective: PretextObjective, data: Mapping[st
         Each dataset's mean pretext loss.
     """
     model.train()
+    objective.begin_round(model)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], spec)
     schedule = sorted(((i + 0.5) / n, j, d) for j, (d, n) in enumerate(steps.items()) for i in range(n))
     batches = {d: _shuffled_batches(len(data[d]), spec.batch_size, steps[d], generators[d]) for d in steps}
@@ -200,6 +201,7 @@ def train_pooled(model: Medformer, objective: PretextObjective, data: Mapping[st
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            objective.after_step(model)
             sums[d][0] += loss.item()
             sums[d][1] += 1
     return {d: s / max(n, 1) for d, (s, n) in sums.items()}
@@ -237,6 +239,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     steps = spec.steps(n)
     model.train()
+    objective.begin_round(model)  # before DP hooks are attached: a teacher copy must not carry them
 
     clipper = None
     if ledger is not None:
@@ -288,6 +291,8 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
                     _add_proximal_grad(params, anchor, proximal_mu)
                 if dp or last:
                     optimizer.step()
+                if last:
+                    objective.after_step(model)
                 step_loss += loss.item() * w
                 for k, v in parts.items():
                     task_sums[k] += v * len(chunk)

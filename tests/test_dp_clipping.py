@@ -141,6 +141,31 @@ def test_ghost_downstream_head(flag: str) -> None:
         model, lambda m, part: F.cross_entropy(m(x[part], flag), y[part], reduction="none"), B)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "medformer_tiny_conv49"])
+def test_ghost_distill_and_bridge_match_reference(preset: str) -> None:
+    """The EMA teacher (a moved copy) and the bridge's stop-grad target carry no per-sample gradient;
+    views and projection axis fixed. Bridge: a 3D site's volumes through the 2D tokenizer."""
+    objective = PretextObjective({"distill": 1.0})
+    model = _model("breastmnist", preset, objective, torch.float64)
+    distill = objective.tasks["distill"]
+    objective.begin_round(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    objective.after_step(model)
+    g = torch.Generator().manual_seed(3)
+    v1, v2 = (torch.rand(B, 1, 28, 28, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    _assert_ghost_matches_reference(
+        model, lambda m, part: distill.view_losses(m, v1[part], v2[part], "breastmnist"), B)
+
+    objective = PretextObjective({"mae": 1.0, "bridge": 1.0})
+    model = _model("adrenalmnist3d", preset, objective, torch.float64)
+    bridge = objective.tasks["bridge"]
+    x = torch.rand(B, 1, 28, 28, 28, generator=g, dtype=torch.float64) * 2 - 1
+    _assert_ghost_matches_reference(
+        model, lambda m, part: bridge.projected_losses(m, x[part], "adrenalmnist3d", axis=2), B)
+
+
 def test_ghost_overlapping_conv_and_plain_linear() -> None:
     """A conv that does not tile its input falls back to Opacus's per-sample conv gradients."""
     torch.manual_seed(0)
@@ -243,6 +268,29 @@ def test_train_local_ghost_equals_hooks_with_noise_fedprox_and_poisson_sampling(
     torch.testing.assert_close(w_ghost, w_hooks, rtol=1e-4, atol=1e-6)
     assert steps_ghost == steps_hooks == steps
     assert r_ghost.epsilon == pytest.approx(r_hooks.epsilon)
+
+
+def test_train_local_distill_under_dp_ghost_equals_hooks(data) -> None:
+    """The teacher is copied before DP hooks are attached and moved after every step, in both modes."""
+    objective = PretextObjective({"distill": 1.0})
+    plan = plan_dp(num_examples=len(data), batch_size=8, steps_per_round=3, rounds=1,
+                   noise_multiplier=0.8, max_grad_norm=0.05)
+    weights, teachers = {}, {}
+    for clipping in ("hooks", "ghost"):
+        model = _model("breastmnist", "tiny", objective)
+        start = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+        spec = TrainingSpec(batch_size=8, local_steps=3, lr=0.1, optimizer="sgd", weight_decay=0.0,
+                            dp_clipping=clipping)
+        train_local(model, objective, data, "breastmnist", spec, generator=torch.Generator().manual_seed(7),
+                    secret_generator=torch.Generator().manual_seed(8), ledger=PrivacyLedger(plan))
+        teacher = objective.tasks["distill"]._teacher
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
+        weights[clipping] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        teachers[clipping] = torch.cat([p.detach().flatten() for p in teacher.parameters()])
+        # Three EMA steps towards the student: the teacher sits between start and student.
+        assert 0 < (teachers[clipping] - start).norm() < (weights[clipping] - start).norm()
+    torch.testing.assert_close(weights["ghost"], weights["hooks"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(teachers["ghost"], teachers["hooks"], rtol=1e-4, atol=1e-6)
 
 
 def test_ghost_leaves_frozen_parameters_alone() -> None:

@@ -14,9 +14,11 @@ from medformer.model import make_config
 from medformer.pretext import (
     TASKS,
     Contrastive,
+    DimensionBridge,
     MaskedReconstruction,
     PretextObjective,
     RotationPrediction,
+    SelfDistillation,
     SimSiam,
     build_pretext_model,
     num_rotations,
@@ -130,8 +132,9 @@ def test_augment_keeps_shape_and_range_and_varies(shape) -> None:
 # --------------------------------------------------------------------------------------------------
 def test_per_sample_flags() -> None:
     assert MaskedReconstruction.per_sample and RotationPrediction.per_sample and SimSiam.per_sample
+    assert SelfDistillation.per_sample and DimensionBridge.per_sample
     assert not Contrastive.per_sample
-    assert set(TASKS) == {"mae", "rotation", "simsiam", "contrastive"}
+    assert set(TASKS) == {"mae", "rotation", "simsiam", "contrastive", "distill", "bridge"}
 
 
 def test_objective_validation() -> None:
@@ -140,6 +143,8 @@ def test_objective_validation() -> None:
     for bad in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match="pretext weights must be > 0"):
             PretextObjective({"mae": 1.0, "rotation": bad})
+    with pytest.raises(ValueError, match="bridge needs another pretext task"):
+        PretextObjective({"bridge": 1.0})
     with pytest.raises(ValueError, match="at least one pretext task"):
         PretextObjective({})
     with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\)"):
@@ -179,6 +184,53 @@ def test_mae_fixed_noise_fixes_the_mask() -> None:
     assert not torch.equal(a, mae.masked_losses(model, x, "adrenalmnist3d", noise.flip(1)))
 
 
+def test_distill_teacher_is_the_round_start_copy_moved_by_ema() -> None:
+    torch.manual_seed(0)
+    obj = PretextObjective({"distill": 1.0})
+    model = build_pretext_model(make_config("tiny"), ["breastmnist"], obj)
+    task: SelfDistillation = obj.tasks["distill"]
+    obj.begin_round(model)
+    teacher = task._teacher
+    start = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in start.items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    obj.after_step(model)
+    for (k, t), s in zip(teacher.named_parameters(), model.parameters()):
+        torch.testing.assert_close(t, 0.99 * start[k] + 0.01 * s)
+    # Outside training (evaluation, the audit) the model is its own stop-grad teacher.
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    head = model.outputs["distill"]
+    z = head.projector(model.embed(x, "breastmnist"))
+    own = 2 - 2 * torch.nn.functional.cosine_similarity(head.predictor(z), z, dim=-1)
+    model.eval()
+    torch.testing.assert_close(task.view_losses(model, x, x, "breastmnist"), own)
+    model.train()
+    assert not torch.allclose(task.view_losses(model, x, x, "breastmnist"), own)  # the moved teacher
+
+
+def test_bridge_trains_the_2d_tokenizer_at_3d_sites_and_nothing_at_2d_sites() -> None:
+    torch.manual_seed(0)
+    obj = PretextObjective({"mae": 1.0, "bridge": 1.0})
+    cfg = make_config("tiny")
+    keys3d = set(build_pretext_model(cfg, [("adrenalmnist3d", 64)], obj).state_dict())
+    assert any(k.startswith("inputs.2d-1ch.tokenizers.64.") for k in keys3d)
+    both = build_pretext_model(cfg, ["breastmnist", ("adrenalmnist3d", 64)], obj)
+    assert set(both.inputs["2d-1ch"].tokenizers) == {"28", "64"}
+    bridge = obj.tasks["bridge"]
+    x2d = torch.rand(3, 1, 28, 28) * 2 - 1
+    assert torch.equal(bridge.losses(both, x2d, "breastmnist"), torch.zeros(3))
+    x3d = torch.rand(3, 1, 64, 64, 64) * 2 - 1
+    terms = bridge.projected_losses(both, x3d, "adrenalmnist3d", axis=1)
+    assert terms.shape == (3,) and (terms > 0).all()
+    terms.sum().backward()
+    grads = [p.grad for p in both.inputs["2d-1ch"].tokenizers["64"].parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in both.inputs["3d-1ch"].parameters())  # the target is stop-grad
+
+
 # --------------------------------------------------------------------------------------------------
 # Each task learns on real data
 # --------------------------------------------------------------------------------------------------
@@ -186,9 +238,11 @@ def test_mae_fixed_noise_fixes_the_mask() -> None:
 # thread; 3D two-view tasks pay ~0.2 s a step for resampling two 64 x 28^3 views). Contrastive on 3D
 # sits at chance (log 127) for ~30 steps before it falls; rotation on 3D needs ~150.
 STEPS = {
-    "pneumoniamnist": {"mae": 150, "rotation": 150, "simsiam": 100, "contrastive": 150},
-    "adrenalmnist3d": {"mae": 80, "rotation": 200, "simsiam": 50, "contrastive": 60},
+    "pneumoniamnist": {"mae": 150, "rotation": 150, "simsiam": 100, "contrastive": 150, "distill": 100},
+    "adrenalmnist3d": {"mae": 80, "rotation": 200, "simsiam": 50, "contrastive": 60, "distill": 50, "bridge": 60},
 }
+CASES = [(flag, task) for flag, tasks in STEPS.items() for task in tasks]
+assert {task for _, task in CASES} == set(TASKS)  # every task is shown to learn (bridge: 3D sites only)
 
 
 @pytest.fixture(scope="module")
@@ -205,12 +259,12 @@ def real_train(real_data_dir):
 
 @pytest.mark.real_data
 @pytest.mark.slow
-@pytest.mark.parametrize("flag", list(STEPS))
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize(("flag", "task"), CASES)
 def test_each_pretext_loss_falls_on_real_data(real_train, flag: str, task: str) -> None:
     data = real_train(flag)
     torch.manual_seed(0)
-    obj = PretextObjective({task: 1.0})
+    # bridge cannot stand alone (its loss is 0 at 2D sites): a 1% MAE term beside it
+    obj = PretextObjective({task: 1.0, "mae": 0.01} if task == "bridge" else {task: 1.0})
     model = build_pretext_model(make_config("tiny"), [flag], obj)
     losses: list[float] = []
     spec = TrainingSpec(batch_size=64, local_steps=STEPS[flag][task], lr=1e-3, optimizer="adamw")

@@ -113,11 +113,9 @@ def test_five_hospitals_has_3d_sites():
 
 
 def test_pretext_names_match_medformer():
-    pretext = pytest.importorskip("medformer.pretext")
-    tasks = getattr(pretext, "TASKS", None)
-    if not isinstance(tasks, dict):
-        pytest.skip("medformer.pretext has no TASKS registry yet")
-    assert set(PRETEXT_TASKS) <= set(tasks)
+    from medformer.pretext import TASKS
+
+    assert set(PRETEXT_TASKS) == set(TASKS)
 
 
 # ------------------------------------------------------------------------------- defaults, views
@@ -201,6 +199,7 @@ ERROR_CASES = [
     ("unknown-pretext", _with("pretext", {"mea": 1.0}), "pretext.mea", "did you mean 'mae'"),
     ("zero-weight", _with("pretext.rotation", 0), "pretext.rotation", "> 0"),
     ("no-pretext", _with("pretext", {}), "pretext", "at least one task"),
+    ("bridge-alone", _with("pretext", {"bridge": 1.0}), "pretext.bridge", "needs another task"),
     ("fedprox-needs-mu", _with("strategy.name", "fedprox"), "strategy.proximal_mu", "> 0"),
     ("trim-fraction", _with("strategy.trim_fraction", 0.5), "strategy.trim_fraction", "< 0.5"),
     ("too-many-min-nodes", _with("strategy.min_train_nodes", 3), "strategy.min_train_nodes",

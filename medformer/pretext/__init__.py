@@ -4,6 +4,8 @@
 ``rotation``     rotation prediction (``rotation.py``)
 ``simsiam``      two views, predictor + stop-gradient (``two_view.py``)
 ``contrastive``  two views, in-batch negatives: not per-sample, refused under DP-SGD (``two_view.py``)
+``distill``      two views, an EMA teacher, no negatives (BYOL; ``distill.py``)
+``bridge``       ours: 3D sites' volumes seen through the 2D tokenizer as projections (``bridge.py``)
 
 :class:`PretextObjective` weights several tasks; :func:`build_pretext_model` builds a Medformer that
 carries their heads (``outputs.<task>``).
@@ -17,15 +19,19 @@ from torch import nn
 
 from medformer.model import DatasetRef, Medformer, MedformerConfig, build_medformer, normalise_datasets
 from medformer.pretext.base import PretextTask, patchify
+from medformer.pretext.bridge import DimensionBridge
+from medformer.pretext.distill import SelfDistillation
 from medformer.pretext.mae import MAEDecoder, MaskedReconstruction
 from medformer.pretext.rotation import RotationPrediction, num_rotations, rotate
 from medformer.pretext.two_view import Contrastive, SimSiam
 
-__all__ = ["TASKS", "Contrastive", "MAEDecoder", "MaskedReconstruction", "PretextObjective", "PretextTask",
-           "RotationPrediction", "SimSiam", "build_pretext_model", "num_rotations", "patchify", "rotate"]
+__all__ = ["TASKS", "Contrastive", "DimensionBridge", "MAEDecoder", "MaskedReconstruction", "PretextObjective",
+           "PretextTask", "RotationPrediction", "SelfDistillation", "SimSiam", "build_pretext_model", "num_rotations",
+           "patchify", "rotate"]
 
 TASKS: dict[str, type[PretextTask]] = {
-    t.name: t for t in (MaskedReconstruction, RotationPrediction, SimSiam, Contrastive)
+    t.name: t for t in (MaskedReconstruction, RotationPrediction, SimSiam, Contrastive, SelfDistillation,
+                        DimensionBridge)
 }
 
 
@@ -46,6 +52,8 @@ class PretextObjective:
         bad = {k: w for k, w in weights.items() if not w > 0}
         if bad:
             raise ValueError(f"pretext weights must be > 0, got {bad}")
+        if set(weights) == {"bridge"}:
+            raise ValueError("bridge needs another pretext task beside it: at 2D sites its loss is 0")
         self.weights = dict(weights)
         self.tasks: dict[str, PretextTask] = {
             n: MaskedReconstruction(mask_ratio=mask_ratio) if n == "mae" else TASKS[n]() for n in weights
@@ -63,6 +71,19 @@ class PretextObjective:
         ds = normalise_datasets(datasets)
         return {n: t.build_head(cfg, ds) for n, t in self.tasks.items()}
 
+    def extra_inputs(self, datasets: Sequence[DatasetRef]) -> list[tuple[str, int]]:
+        """Input kinds and sizes the tasks need besides the datasets' own (``bridge``: the 2D tokenizer)."""
+        ds = normalise_datasets(datasets)
+        return list(dict.fromkeys(k for t in self.tasks.values() for k in t.extra_inputs(ds)))
+
+    def begin_round(self, model: Medformer) -> None:
+        for t in self.tasks.values():
+            t.begin_round(model)
+
+    def after_step(self, model: Medformer) -> None:
+        for t in self.tasks.values():
+            t.after_step(model)
+
     def __call__(self, model: Medformer, x: torch.Tensor, dataset: str,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean of the weighted per-sample terms, and each task's mean loss."""
@@ -79,4 +100,5 @@ def build_pretext_model(cfg: MedformerConfig, datasets: Sequence[DatasetRef], ob
                         *, downstream_heads: bool = False) -> Medformer:
     """A Medformer carrying the objective's pretext heads (a hospital's model has no downstream heads)."""
     return build_medformer(cfg, datasets, downstream_heads=downstream_heads,
-                     extra_outputs=objective.build_heads(cfg, datasets))
+                           extra_outputs=objective.build_heads(cfg, datasets),
+                           extra_inputs=objective.extra_inputs(datasets))

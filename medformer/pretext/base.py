@@ -38,6 +38,16 @@ class PretextTask(ABC):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Loss terms [B] for a batch x of ``dataset`` (values in [-1, 1]); randomness from ``generator``."""
 
+    def extra_inputs(self, datasets: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Input kinds and sizes (``"2d-1ch"``, 28) the task needs besides the datasets' own."""
+        return []
+
+    def begin_round(self, model: Medformer) -> None:
+        """Called once before a round's local training (e.g. to freeze a teacher)."""
+
+    def after_step(self, model: Medformer) -> None:
+        """Called after every optimizer step of local training (e.g. to move a teacher)."""
+
     def fixed_view_losses(self, model: Medformer, x: torch.Tensor, dataset: str, *, views: int,
                           seed: int) -> list[torch.Tensor]:
         """Loss terms [B] under each of ``views`` views fixed by ``seed``."""
