@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from medformer.data import load_split
+from medformer.data import augment as named_augment
+from medformer.data import random_view
 from medformer.data import random_view as augment
 from medformer.layers import PatchEmbed
 from medformer.model import make_config
@@ -125,6 +127,22 @@ def test_augment_keeps_shape_and_range_and_varies(shape) -> None:
     assert not torch.equal(a, b)
     assert (a - b).abs().mean() > 0.01
     assert torch.equal(augment(x, torch.Generator().manual_seed(0)), a)  # reproducible
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (32, 1, 8, 8, 8)])
+def test_mirror_policy_flips_only_left_right(shape) -> None:
+    """Without shift, a mirrored sample is the original or its left-right flip; never up-down."""
+    x = torch.rand(*shape) * 2 - 1
+    out = random_view(x, torch.Generator().manual_seed(0), flip_axes=(len(shape) - 3,), zoom=(1.0, 1.0),
+                      shift=0.0, jitter=False)
+    same = [torch.allclose(o, xi, atol=1e-5) for o, xi in zip(out, x)]
+    mirrored = [torch.allclose(o, xi.flip(-1), atol=1e-5) for o, xi in zip(out, x)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+    moved = named_augment(x, "mirror", torch.Generator().manual_seed(0))
+    assert moved.shape == x.shape and not torch.equal(moved, x)
+    assert torch.equal(named_augment(x, "none"), x)
+    with pytest.raises(ValueError, match="unknown augmentation 'rot'; choose from none, mirror, views"):
+        named_augment(x, "rot")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from medformer.data import MedMNISTSplit, get_info, random_view
+from medformer.data import AUGMENTATIONS, MedMNISTSplit, augment as augmented, get_info
 from medformer.eval.features import check_splits, device_of, predict_scores
 from medformer.eval.metrics import head_loss, labelled_subsets, official_metrics, selection_key
 from medformer.model import Medformer
@@ -31,7 +31,7 @@ def fine_tune(
     weight_decay: float = 0.05,
     seed: int = 0,
     max_train_examples: int | None = None,
-    augment: bool = False,
+    augment: bool | str = False,
     validations: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     score_test: bool = True,
@@ -55,8 +55,10 @@ def fine_tune(
         weight_decay: AdamW decoupled weight decay.
         seed: seeds the label subset, a new head's init and the shuffling.
         max_train_examples: optional cap on train examples (stratified too).
-        augment: train on random views (``medformer.data.random_view``: flips, mild zoom and shift,
-            contrast jitter); on a few hundred labels it is the main guard against overfitting.
+        augment: training augmentation, a ``medformer.data.AUGMENTATIONS`` policy: ``"mirror"``
+            (left-right flips, small shifts), ``"views"`` (``random_view``: flips on every axis, zoom,
+            shift, contrast jitter) or ``"none"``; True means ``"views"``. On a few hundred labels it
+            is the main guard against overfitting.
         validations: validate after this many evenly spaced epochs (always including the last)
             instead of after every epoch; long fine-tunes of tiny label subsets would otherwise
             spend most of their time on validation.
@@ -74,6 +76,9 @@ def fine_tune(
         raise ValueError(f"epochs must be >= 1, got {epochs!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    policy = ("views" if augment else "none") if isinstance(augment, bool) else augment
+    if policy not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
     info = get_info(dataset)
     task = info.task
     train, val_split = labelled_subsets(splits, task, fraction=label_fraction, max_examples=max_train_examples,
@@ -107,8 +112,7 @@ def fine_tune(
         total = 0.0
         for s in range(0, n, batch_size):
             x, y = train.batch(order[s : s + batch_size])  # [B, C, *S], [B, L]
-            if augment:
-                x = random_view(x, gen)
+            x = augmented(x, policy, gen)
             loss = head_loss(net(x.to(device), dataset), y.to(device), task).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tune loss is {loss.item()} at epoch {epoch} on {dataset}; lower lr")
