@@ -36,6 +36,7 @@ def fine_tune(
     augment: bool = False,
     validations: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    return_model: bool = False,
 ) -> dict[str, Any]:
     """End-to-end fine-tuning of a copy of ``model`` with the downstream head of ``dataset``.
 
@@ -61,6 +62,8 @@ def fine_tune(
             instead of after every epoch; long fine-tunes of tiny label subsets would otherwise
             spend most of their time on validation.
         progress: called after every epoch with ``{epoch, train_loss, val_auc, val_acc}``.
+        return_model: also return the fine-tuned copy (the best epoch's weights, in eval mode) as
+            ``result["model"]``.
 
     Returns:
         ``auc``, ``acc`` (test, official), ``val_auc``, ``val_acc``, ``epochs``, ``best_epoch``,
@@ -119,10 +122,10 @@ def fine_tune(
         order = torch.randperm(n, generator=gen).numpy()
         total = 0.0
         for s in range(0, n, batch_size):
-            x, y = train.batch(order[s : s + batch_size])  # [B, C, *S], [B, L]
+            x, y = train.batch(order[s : s + batch_size], device=device)  # [B, C, *S], [B, L]
             if augment:
                 x = random_view(x, gen)
-            loss = head_loss(net(x.to(device), dataset), y.to(device), task).mean()
+            loss = head_loss(net(x, dataset), y, task).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tune loss is {loss.item()} at epoch {epoch} on {dataset}; lower lr")
             optim.zero_grad(set_to_none=True)
@@ -154,6 +157,8 @@ def fine_tune(
     }
     log.info("fine-tune %s: test auc %.4f acc %.4f (best epoch %d/%d, n_train=%d, %.1fs)",
              dataset, result["auc"], result["acc"], best_epoch, epochs, n, result["seconds"])
+    if return_model:
+        result["model"] = net
     return result
 
 
