@@ -5,8 +5,8 @@ of slices per volume) named by a ``labels.csv``, with the field's own library: M
 (``PILReader``, ``NibabelReader``, ``PydicomReader``) and its transforms, preprocessed like MedMNIST:
 
 * 2D: centre crop to a square, resize to ``size`` x ``size`` (bilinear, anti-aliased); 8-bit images
-  keep their values, others are scaled min-max to 0..255 per image.
-* 3D: reoriented to RAS, centre crop to a cube, resize to ``size``^3 (trilinear, anti-aliased),
+  keep their values, others are then scaled min-max to 0..255 per image.
+* 3D: reoriented to RAS, centre crop to a cube, resize to ``size``^3 (trilinear, anti-aliased), then
   intensities scaled min-max to 0..255 per volume.
 
 The splits come from the file's ``split`` column, or are drawn stratified by class from ``seed``.
@@ -286,17 +286,17 @@ def _short(e: BaseException) -> str:
 
 
 def preprocess(image: torch.Tensor, *, ndim: int, size: int) -> np.ndarray:
-    """MONAI image ``[C, *S]`` -> uint8 ``[C, size, ...]``: (3D: RAS) centre crop, resize, 0..255."""
+    """MONAI image ``[C, *S]`` -> uint8 ``[C, size, ...]``: (3D: RAS) centre crop, resize, (min-max) 0..255."""
     image = image.float()
     eight_bit = bool(image.min() >= 0 and image.max() <= 255 and torch.equal(image, image.round()))
     if ndim == 3:
-        image = Orientation(axcodes="RAS")(image)
-    if ndim == 3 or not eight_bit:
-        image = ScaleIntensity(minv=0.0, maxv=255.0)(image)
+        image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
     side = min(image.shape[1:])
     image = CenterSpatialCrop(roi_size=[side] * ndim)(image)
     image = Resize(spatial_size=[size] * ndim, mode="bilinear" if ndim == 2 else "trilinear",
                    anti_aliasing=True)(image)
+    if ndim == 3 or not eight_bit:
+        image = ScaleIntensity(minv=0.0, maxv=255.0)(image)
     return torch.as_tensor(image).clamp(0, 255).round().to(torch.uint8).numpy()
 
 
@@ -316,7 +316,9 @@ def read_images(rows: list[_Row], size: int, *, progress: bool = True) -> tuple[
     allowed = SIZES_2D if ndim == 2 else SIZES_3D
     if size not in allowed:
         raise DataError(f"--size {size} is not available for {ndim}D images; choose from {', '.join(map(str, allowed))}")
-    loaders = {k: _loader(k) for k in set(kinds.values())}
+    with warnings.catch_warnings():  # PydicomReader announces GPU decoders it does not find
+        warnings.simplefilter("ignore")
+        loaders = {k: _loader(k) for k in set(kinds.values())}
     out, channels, first = [], None, None
     bar = _bar(len(rows), progress)
     try:
@@ -454,9 +456,9 @@ def _unlisted(src: Path, rows: list[_Row]) -> int:
 def _preprocessing(kind: str, size: int) -> str:
     if kind == "2d":
         return (f"MONAI: LoadImage (PILReader), centre crop to a square, Resize to {size}x{size} (bilinear, "
-                "anti-aliased); 8-bit images keep their values, others min-max scaled to 0..255 per image")
+                "anti-aliased); 8-bit images keep their values, others then min-max scaled to 0..255 per image")
     return (f"MONAI: LoadImage ({'NibabelReader' if kind == 'nifti' else 'PydicomReader'}), Orientation RAS, "
-            f"centre crop to a cube, Resize to {size}^3 (trilinear, anti-aliased), min-max scaled to 0..255 per volume")
+            f"centre crop to a cube, Resize to {size}^3 (trilinear, anti-aliased), then min-max scaled to 0..255 per volume")
 
 
 def render_card(card: dict[str, Any]) -> str:
