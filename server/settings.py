@@ -4,7 +4,7 @@ same keys, see ``server.app.with_run_config``).
 
     scenario          YAML scenario, relative to the app folder (default: quickstart)
     num-server-rounds, fraction-train, min-train-nodes, local-epochs, local-steps, batch-size,
-    lr, eval-every, model-preset, round-timeout   override the scenario's fields
+    lr, eval-every, model-preset, round-timeout, device   override the scenario's fields
     data-dir          MedMNIST folder for central evaluation (default: $MEDMNIST_DATA)
     out-dir           output folder (default: <runs folder>/<scenario>-<time>)
     expected-nodes    wait for this many sites (0 = simulation: one per scenario site;
@@ -83,6 +83,7 @@ RUN_CONFIG_FIELDS = {
     "round-timeout": "strategy.round_timeout",
     "eval-every": "evaluation.eval_every",
     "model-preset": "model.preset",
+    "device": "device",
 }
 
 class RunConfigError(ValueError):
