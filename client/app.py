@@ -1,9 +1,9 @@
 """The ClientApp: one hospital. Pretrains its part of the Medformer on its own images.
 
 ``query``: says who this site is (dataset, size, examples; for a dataset of its own images the
-card's public part), so the server can build the model for exactly the sites that are connected. ``train``: loads the received keys, runs the round's pretext
-training under the site's own privacy policy (node-config, ``client.policy``), replies with the
-trained keys and scalar metrics only.
+card's public part), so the server can build the model for exactly the sites that are connected.
+``train``: loads the received keys, runs the round's pretext training under the site's own privacy
+policy (node-config, ``client.policy``), replies with the trained keys and scalar metrics only.
 
 This ``app`` is what a deployed SuperNode runs: it has no fault-injection mod (that one lives in
 ``client.faults.chaos_app``, which only ``medfl run`` uses, and only for scenarios that declare faults).

@@ -116,7 +116,8 @@ def read_card(path: str | os.PathLike) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: not a JSON dataset card ({e})") from None
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise FormatError(f"{path}: not a {CARD_FORMAT!r} (its 'format' key is {card.get('format') if isinstance(card, dict) else None!r})")
+        found = card.get("format") if isinstance(card, dict) else None
+        raise FormatError(f"{path}: not a {CARD_FORMAT!r} (its 'format' key is {found!r})")
     info_from_card(card, str(path))
     expected = path.name[: -len(CARD_SUFFIX)]
     if card["name"] != expected:

@@ -335,7 +335,8 @@ def read_images(rows: list[_Row], size: int, *, progress: bool = True) -> tuple[
                                 f"not a {ndim}D {'image' if ndim == 2 else 'volume'}")
             c = int(image.shape[0])
             if c not in ((1, 3) if ndim == 2 else (1,)):
-                raise DataError(f"{r.image} has {c} channels; {'2D images need 1 (gray) or 3 (RGB)' if ndim == 2 else '3D volumes need 1'}")
+                need = "2D images need 1 (gray) or 3 (RGB)" if ndim == 2 else "3D volumes need 1"
+                raise DataError(f"{r.image} has {c} channels; {need}")
             if channels is None:
                 channels, first = c, r.image
             elif c != channels:
