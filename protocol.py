@@ -3,7 +3,9 @@ typed round instructions (no Flower import).
 
 Discovery (a ``query`` message): the server sends ``config`` = {``roster``: JSON of the simulated
 sites, the scenario seed and data folder}; the site replies ``site`` = {``site``: JSON of its
-:class:`~config.Site`, ``num-examples``}.
+:class:`~config.Site`, ``num-examples``, and for a dataset of its own images ``dataset-card``: the
+card's public part (task, labels, channels, sizes; no checksums or counts), so that the server can
+build the model for a dataset it has no files of}.
 
 A round (a ``train`` message): the server sends ``arrays`` (only the keys that site uses) and
 ``config`` = {``instructions``: JSON of :class:`RoundInstructions`, ``server-round``}. The site
@@ -28,6 +30,7 @@ CONFIG = "config"
 PRIVACY = "privacy"
 REFUSAL = "refusal"
 SITE = "site"
+DATASET_CARD = "dataset-card"
 # keys inside them
 INSTRUCTIONS = "instructions"
 SERVER_ROUND = "server-round"
@@ -52,6 +55,7 @@ class RoundInstructions:
         training: the training settings.
         proximal_mu: FedProx's coefficient (0 = off).
         threads: torch threads the site should use (simulation).
+        device: where the site computes (``auto``, ``cpu``, ``cuda[:N]``); its node-config ``device`` wins.
         privacy: the server's DP-SGD request, or None; the site's own policy may tighten it.
         privacy_state: the accountant history the server last saw from this site (resume).
         data_dir: where the server expects the data (simulation); a site's node-config wins.
@@ -67,6 +71,7 @@ class RoundInstructions:
     training: TrainingSpec
     proximal_mu: float = 0.0
     threads: int = 1
+    device: str = "auto"
     privacy: PrivacySpec | None = None
     privacy_state: str | None = None
     data_dir: str | None = None

@@ -1,9 +1,9 @@
 """The ClientApp: one hospital. Pretrains its part of the Medformer on its own images.
 
-``query``: says who this site is (dataset, size, examples), so the server can build the model for
-exactly the sites that are connected. ``train``: loads the received keys, runs the round's pretext
-training under the site's own privacy policy (node-config, ``client.policy``), replies with the
-trained keys and scalar metrics only.
+``query``: says who this site is (dataset, size, examples; for a dataset of its own images the
+card's public part), so the server can build the model for exactly the sites that are connected.
+``train``: loads the received keys, runs the round's pretext training under the site's own privacy
+policy (node-config, ``client.policy``), replies with the trained keys and scalar metrics only.
 
 This ``app`` is what a deployed SuperNode runs: it has no fault-injection mod (that one lives in
 ``client.faults.chaos_app``, which only ``medfl run`` uses, and only for scenarios that declare faults).
@@ -21,9 +21,10 @@ from flwr.clientapp import ClientApp
 
 from client.policy import LedgerStore, PolicyError, SitePolicy, trusted_history
 from client.round import RoundOutcome, train_round
-from client.site import SiteConfigError, local_data, site_for_round, site_from_node_config
-from protocol import (ARRAYS, CONFIG, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, REASON, REFUSAL, ROSTER, SITE,
-                      STEPS, RoundInstructions)
+from client.site import SiteConfigError, local_data, site_device, site_for_round, site_from_node_config
+from medformer.data import get_info, public_card
+from protocol import (ARRAYS, CONFIG, DATASET_CARD, INSTRUCTIONS, METRICS, NUM_EXAMPLES, PRIVACY, REASON, REFUSAL,
+                      ROSTER, SITE, STEPS, RoundInstructions)
 
 log = logging.getLogger("medfl.client")
 
@@ -49,6 +50,8 @@ def query(msg: Message, context: Context) -> Message:
     n = len(local_data(site, int(roster.get("seed", 0))))
     public = dataclasses.replace(site, data_dir=None)  # the server learns who the site is, not its paths
     info = ConfigRecord({SITE: json.dumps(dataclasses.asdict(public)), NUM_EXAMPLES: n})
+    if get_info(site.dataset).imported:  # the server may have no card of it: its public facts travel
+        info[DATASET_CARD] = json.dumps(public_card(get_info(site.dataset)))
     return Message(content=RecordDict({SITE: info}), reply_to=msg)
 
 
@@ -66,7 +69,8 @@ def train(msg: Message, context: Context) -> Message:
         opt_state = torch.load(io.BytesIO(state[_OPTIMIZER]["bytes"]), weights_only=True)
     # The site's own copies first: the server's copy can only ever add steps, never remove any.
     out = train_round(ins, site, received, ledger_state=trusted_history(remembered, ins.privacy_state),
-                      optimizer_state=opt_state, policy=policy, store=store, run_id=context.run_id)
+                      optimizer_state=opt_state, policy=policy, store=store, run_id=context.run_id,
+                      device=site_device(ins, dict(context.node_config)))
 
     content = RecordDict()
     if out.ledger is not None:

@@ -15,6 +15,7 @@ import torch
 from client.policy import LedgerStore, PolicyRefusal, SitePolicy, settle_privacy, trusted_history
 from client.site import local_data
 from config import Site
+from medformer.device import resolve_device, to_cpu
 from medformer.dp.accounting import DPPlan, PrivacyLedger
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
@@ -56,7 +57,8 @@ class RoundOutcome:
 
 def train_round(ins: RoundInstructions, site: Site, received: dict[str, torch.Tensor], *,
                 ledger_state: str | None, optimizer_state: dict | None, policy: SitePolicy = SitePolicy(),
-                store: LedgerStore | None = None, run_id: int | str = 0) -> RoundOutcome:
+                store: LedgerStore | None = None, run_id: int | str = 0,
+                device: str | torch.device | None = None) -> RoundOutcome:
     """Load the received keys and train one round under the site's privacy policy.
 
     Args:
@@ -69,6 +71,8 @@ def train_round(ins: RoundInstructions, site: Site, received: dict[str, torch.Te
         policy: the site's own privacy floor (node-config).
         store: the site's ledger on its own disk (node-config ``state-dir``).
         run_id: the Flower run this round belongs to (the ledger's key).
+        device: where to train (default: the instructions' ``device``); the trained keys and the
+            optimizer state come back on the CPU.
     """
     torch.set_num_threads(ins.threads)
     cfg = make_config(ins.model.preset, **ins.model.overrides)
@@ -80,6 +84,7 @@ def train_round(ins: RoundInstructions, site: Site, received: dict[str, torch.Te
         missing, extra = sorted(expected - set(received)), sorted(set(received) - expected)
         raise ValueError(f"server sent the wrong keys for {site.dataset}: missing {missing[:3]}, unexpected {extra[:3]}")
     model.load_state_dict(received, strict=True)
+    model.to(resolve_device(ins.device if device is None else device))  # before any budget is reserved
     spec = ins.training
     try:
         plan, notes = dp_plan(ins, len(data), policy)
@@ -108,4 +113,4 @@ def train_round(ins: RoundInstructions, site: Site, received: dict[str, torch.Te
                                     ledger=ledger)
     if store is not None and ledger is not None:
         store.save(run_id, ledger.history, delta=plan.delta, accountant=plan.accountant)
-    return RoundOutcome(model.state_dict(), result, ledger, plan, opt_state, notes)
+    return RoundOutcome(to_cpu(model.state_dict()), result, ledger, plan, to_cpu(opt_state), notes)

@@ -1,9 +1,12 @@
 """Who this hospital is, and its training records, free of Flower types.
 
 The identity comes from the node's own configuration in a deployment (``dataset``, ``data-dir``,
-optional ``size`` and ``name``, plus the privacy-policy keys of ``client.policy``), or, in
+optional ``size``, ``name`` and ``device``, plus the privacy-policy keys of ``client.policy``), or, in
 simulation, from the scenario's site list picked by the node's ``partition-id``. A site's own
 configuration always wins over what the server suggests: its data and dataset are its own to say.
+
+A ``dataset`` may be one of the site's own imported datasets (``medfl data import``): the dataset
+cards in its data folder are registered before the name is looked up.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ from functools import lru_cache
 
 from client.policy import POLICY_KEYS
 from config import Site, from_plain
-from medformer.data import DataError, MedMNISTSplit, get_info, load_split, partition_indices
+from medformer.data import DataError, MedMNISTSplit, get_info, load_split, partition_indices, register_data_dir
+from medformer.device import is_device_spec
 from protocol import RoundInstructions
 
 #: node-config keys a deployed site may set (identity, then its privacy policy: client.policy).
-SITE_KEYS = ("name", "dataset", "size", "data-dir") + POLICY_KEYS
+SITE_KEYS = ("name", "dataset", "size", "data-dir", "device") + POLICY_KEYS
 #: keys Flower's simulation engine sets.
 SIMULATION_KEYS = ("partition-id", "num-partitions")
 
@@ -35,18 +39,21 @@ def site_from_node_config(node_config: dict, *, roster: dict | None = None) -> S
         close = difflib.get_close_matches(unknown[0], SITE_KEYS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SiteConfigError(f"unknown node-config key {unknown[0]!r}{hint}; a site's keys are {', '.join(SITE_KEYS)}")
+    if "device" in node_config and not is_device_spec(node_config["device"]):
+        raise SiteConfigError(f"node-config device={node_config['device']!r} is not auto, cpu, cuda or cuda:N")
     if "dataset" in node_config:
         flag = str(node_config["dataset"])
+        data_dir = node_config.get("data-dir")
+        if data_dir is not None and not os.path.isdir(str(data_dir)):
+            raise SiteConfigError(f"node-config data-dir={data_dir!r} is not a folder")
         try:
+            register_cards(data_dir)
             info = get_info(flag)
         except DataError as e:
             raise SiteConfigError(f"node-config dataset: {e}") from None
         size = node_config.get("size", 28)
         if not isinstance(size, int) or size not in info.sizes:
             raise SiteConfigError(f"node-config size={size!r} is not available for {flag}; choose from {info.sizes}")
-        data_dir = node_config.get("data-dir")
-        if data_dir is not None and not os.path.isdir(str(data_dir)):
-            raise SiteConfigError(f"node-config data-dir={data_dir!r} is not a folder")
         name = str(node_config.get("name", f"{flag}-{size}" if size != 28 else flag))
         return Site(name, flag, size, data_dir=str(data_dir) if data_dir is not None else None)
     if "partition-id" in node_config and roster is not None:
@@ -55,6 +62,7 @@ def site_from_node_config(node_config: dict, *, roster: dict | None = None) -> S
         if not 0 <= pid < len(sites):
             raise SiteConfigError(f"partition-id {pid} but the scenario has {len(sites)} sites")
         site = from_plain(Site, sites[pid], f"roster.sites[{pid}]")
+        register_cards(roster.get("data_dir"))
         return dataclasses.replace(site, privacy=None, data_dir=roster.get("data_dir"))
     raise SiteConfigError("node-config names no site: start the SuperNode with "
                           '--node-config \'dataset="<flag>" data-dir="<folder>"\'')
@@ -64,7 +72,19 @@ def site_for_round(ins: RoundInstructions, node_config: dict) -> Site:
     """This round's site: the node's own config if it names a dataset, else the server's entry."""
     if "dataset" in node_config:
         return site_from_node_config(node_config)
+    register_cards(ins.data_dir)
     return dataclasses.replace(ins.site, privacy=None, data_dir=ins.data_dir)
+
+
+def register_cards(data_dir: str | None) -> list[str]:
+    """Register the dataset cards of the site's data folder (else ``$MEDMNIST_DATA``): its own imported
+    datasets become names like any MedMNIST flag in this process."""
+    return register_data_dir(data_dir)
+
+
+def site_device(ins: RoundInstructions, node_config: dict) -> str:
+    """Where this site computes: its node-config ``device`` if set, else the server's request."""
+    return str(node_config.get("device", ins.device))
 
 
 @lru_cache(maxsize=4)

@@ -22,6 +22,7 @@ import yaml
 
 from config.errors import did_you_mean, show
 from medformer import data as mdata
+from medformer.device import DEVICE_CHOICES, is_device_spec
 from medformer.dp.accounting import ACCOUNTANTS
 from medformer.model import preset_names
 from medformer.pretext import TASKS
@@ -200,10 +201,14 @@ class SimulationSpec:
     Attributes:
         cpus_per_client: CPUs reserved per ClientApp (sets how many run at once).
         threads_per_client: torch threads inside one ClientApp.
+        gpus_per_client: share of a GPU reserved per ClientApp (Flower's ``client-resources-num-gpus``)
+            when the scenario's device is a GPU; null = one GPU shared by the ClientApps that run at
+            once; 0 on a CPU device.
     """
 
     cpus_per_client: int = setting(1, ge=1, le=1_024)
     threads_per_client: int = setting(1, ge=1, le=1_024)
+    gpus_per_client: float | None = setting(None, ge=0, le=64)
 
 
 @dataclass(kw_only=True)
@@ -348,6 +353,9 @@ class Scenario:
         training: local training per round (``medformer.train.TrainingSpec``).
         strategy: server aggregation.
         evaluation: downstream evaluation.
+        device: where training, DP-SGD and evaluation compute: ``auto`` (a GPU if there is one, else the
+            CPU), ``cpu``, ``cuda`` or ``cuda:N``; each party resolves it on its own machine (a site's
+            node-config ``device`` wins at that site).
         privacy: DP-SGD for every hospital that does not set its own; null = none.
         client_dp: client-level DP on updates; null = none.
         simulation: simulation engine resources.
@@ -363,6 +371,7 @@ class Scenario:
     training: TrainingSpec = field(default_factory=TrainingSpec)  # medformer.train: one class for all
     strategy: StrategySpec = field(default_factory=StrategySpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    device: str = "auto"
     privacy: PrivacySpec | None = None
     client_dp: ClientDPSpec | None = None
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
@@ -406,6 +415,8 @@ class Scenario:
         if not self.name or len(self.name) > 100 or re.search(r"[/\\\x00-\x1f]", self.name):
             problems.append((("name",), f"bad scenario name {show(self.name)}; use 1-100 "
                              "characters without '/', '\\' or control characters"))
+        if not is_device_spec(self.device):
+            problems.append((("device",), f"{show(self.device)} is not a device; choose {DEVICE_CHOICES}"))
         if not self.pretext:
             problems.append((("pretext",), f"needs at least one task; choose from "
                              f"{', '.join(PRETEXT_TASKS)}"))

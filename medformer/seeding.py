@@ -38,10 +38,13 @@ def secret_seed(bits: int = 64) -> int:
     return int.from_bytes(os.urandom((bits + 7) // 8), "little") >> (-bits % 8)
 
 
-def secret_generator() -> torch.Generator:
+def secret_generator(device: str | torch.device = "cpu") -> torch.Generator:
     """A torch generator seeded with 64 secret bits from ``os.urandom``, for DP noise and Poisson
-    sampling. Make a fresh one per use; never store, log or send it or its seed."""
-    return torch.Generator().manual_seed(secret_seed(64))
+    sampling. Make a fresh one per use; never store, log or send it or its seed.
+
+    ``device``: where it draws. DP-SGD's noise is drawn on the model's device (torch needs the
+    generator there); Poisson sampling always draws on the CPU."""
+    return torch.Generator(device=device).manual_seed(secret_seed(64))
 
 
 def secret_numpy_rng() -> np.random.Generator:

@@ -22,6 +22,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 
 from medformer.data import MedMNISTSplit
+from medformer.device import device_of
 from medformer.dp.accounting import PrivacyLedger
 from medformer.dp.clipping import DP_CLIPPING, GhostClipper, HooksClipping
 from medformer.dp.optimizer import empty_step, forget_dp_state, make_dp_sgd
@@ -148,7 +149,8 @@ def train_local(
     """Train ``model`` in place on ``data`` for one round.
 
     Args:
-        model: the hospital's Medformer (only its own keys), already loaded with global weights.
+        model: the hospital's Medformer (only its own keys), already loaded with global weights; it
+            trains on the device it is on (batches follow it).
         objective: pretext tasks and weights.
         data: the hospital's training split (or partition of it).
         dataset: the MedMNIST flag of ``data``.
@@ -156,9 +158,11 @@ def train_local(
         proximal_mu: FedProx coefficient mu of (mu/2)||w - w_global||^2 (0 = off); its gradient is
             added once per logical batch (after the noise under DP-SGD: it is data-free).
         generator: the hospital's seeded RNG: shuffling, masks, rotations, augmentations (reproducible).
-        secret_generator: under DP-SGD, the source of the Poisson batches and the Gaussian noise.
-            None (what a site always uses) = a fresh one seeded from ``os.urandom``
-            (``medformer.seeding``): nobody else can replay the noise. Tests pass a seeded one.
+        secret_generator: under DP-SGD, the source of the Poisson batches and the Gaussian noise
+            (a CPU generator). None (what a site always uses) = a fresh one seeded from ``os.urandom``
+            (``medformer.seeding``): nobody else can replay the noise. Tests pass a seeded one. On a
+            GPU the noise comes from a generator on the model's device (fresh from ``os.urandom``, or
+            seeded from the given one); the Poisson batches stay on this CPU generator.
         optimizer_state: the optimizer's state from the previous round, if kept.
         ledger: DP-SGD accountant; when given, trains with DP-SGD at its plan's noise and clip.
         on_step: called with (step, loss) after each step (progress display).
@@ -187,6 +191,7 @@ def train_pooled(model: Medformer, objective: PretextObjective, data: Mapping[st
     """
     model.train()
     objective.begin_round(model)
+    device = device_of(model)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], spec)
     schedule = sorted(((i + 0.5) / n, j, d) for j, (d, n) in enumerate(steps.items()) for i in range(n))
     batches = {d: _shuffled_batches(len(data[d]), spec.batch_size, steps[d], generators[d]) for d in steps}
@@ -194,7 +199,7 @@ def train_pooled(model: Medformer, objective: PretextObjective, data: Mapping[st
     with flush_denormals():
         for _, _, d in schedule:
             idx, _ = next(batches[d])
-            x, _ = data[d].batch(idx)
+            x, _ = data[d].batch(idx, device=device)
             loss, _ = objective(model, x, d, generators[d])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"centralized pretext loss became {loss.item()} on {d}")
@@ -238,6 +243,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
         optimizer.load_state_dict(optimizer_state)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     steps = spec.steps(n)
+    device = device_of(model)
     model.train()
     objective.begin_round(model)  # before DP hooks are attached: a teacher copy must not carry them
 
@@ -253,7 +259,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
         optimizer, clipper = make_dp_sgd(
             model, optimizer, clipping=spec.dp_clipping, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, expected_batch_size=max(1, round(plan.sample_rate * n)),
-            generator=secret,
+            generator=noise_generator(secret, device, seeded=secret_generator is not None),
         )
 
         def after_noise(opt: DPOptimizer) -> None:
@@ -277,7 +283,7 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
             if not chunks:  # an empty Poisson batch still takes a (pure-noise) step
                 empty_step(optimizer, params)
             for c, chunk in enumerate(chunks):
-                x, _ = data.batch(chunk)
+                x, _ = data.batch(chunk, device=device)
                 w = len(chunk) / len(idx)
                 last = c == len(chunks) - 1
                 # DP: each chunk's clipped sum is computed afresh (the DPOptimizer keeps the running
@@ -314,6 +320,20 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
     )
     state = (optimizer.original_optimizer if isinstance(optimizer, DPOptimizer) else optimizer).state_dict()
     return result, state
+
+
+def noise_generator(secret: torch.Generator, device: torch.device, *, seeded: bool) -> torch.Generator:
+    """DP-SGD's noise generator on the model's ``device`` (Opacus draws the noise where the gradients are).
+
+    On the CPU it is ``secret`` itself. Elsewhere a generator on that device: fresh from ``os.urandom``,
+    or, when the caller passed a seeded ``secret`` (tests), seeded from it, so a seeded run stays
+    reproducible. The Poisson batches are drawn from ``secret`` on the CPU either way.
+    """
+    if device.type == "cpu":
+        return secret
+    if not seeded:
+        return fresh_secret_generator(device)
+    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=secret)))
 
 
 def chunk_backward(objective: PretextObjective, model: Medformer, x: torch.Tensor, dataset: str,

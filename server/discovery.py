@@ -2,7 +2,9 @@
 
 In simulation the nodes are the scenario's sites (each picks its entry of the roster by its
 ``partition-id``); in a deployment nobody lists them: each SuperNode's own node-config says which
-dataset it holds, and the federation is built for exactly the sites that answer.
+dataset it holds, and the federation is built for exactly the sites that answer. A site holding its
+own imported images sends its dataset card's public part, which the server registers (it has no
+files of it: central evaluation of that dataset is then skipped).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from config import Scenario, Site, from_plain
-from protocol import CONFIG, NUM_EXAMPLES, ROSTER, SITE
+from medformer.data import DataError, register_public
+from protocol import CONFIG, DATASET_CARD, NUM_EXAMPLES, ROSTER, SITE
 
 log = logging.getLogger("medfl.server")
 
@@ -62,6 +65,12 @@ def discover(grid: Grid, scenario: Scenario, *, data_dir: str | None, expected: 
             continue
         info = msg.content.config_records[SITE]
         site = from_plain(Site, json.loads(str(info[SITE])), f"node {node_id}'s site")
+        if DATASET_CARD in info:
+            reason = learn_dataset(site, str(info[DATASET_CARD]))
+            if reason is not None:
+                log.warning("site %s cannot join: %s", site.name, reason)
+                refused.append({"round": 0, "site": site.name, "reason": reason})
+                continue
         sites[node_id] = dataclasses.replace(site, num_examples=int(info[NUM_EXAMPLES]), data_dir=None)
     names = [s.name for s in sites.values()]
     if not sites:
@@ -69,6 +78,22 @@ def discover(grid: Grid, scenario: Scenario, *, data_dir: str | None, expected: 
     if len(set(names)) != len(names):
         raise SetupError(f"two nodes claim the same site name: {sorted(names)}")
     return sites, refused
+
+
+def learn_dataset(site: Site, card_json: str) -> str | None:
+    """Register the imported dataset a site describes; why it cannot be used, or None."""
+    try:
+        card = json.loads(card_json)
+        if not isinstance(card, dict) or card.get("name") != site.dataset:
+            return f"its dataset card names {card.get('name') if isinstance(card, dict) else card!r}, not {site.dataset!r}"
+        info = register_public(card, f"site {site.name}'s dataset card")
+    except (ValueError, DataError) as e:
+        return f"its dataset card is not usable: {e}"
+    if site.size not in info.sizes:
+        return f"its dataset card has no size {site.size}"
+    log.info("site %s holds its own dataset %s (%s, %d labels, %s): learnt from its card", site.name, info.flag,
+             info.task, info.n_classes, info.input_kind)
+    return None
 
 
 def site_datasets(scenario: Scenario, sites: dict[int, Site]) -> list[tuple[str, int]]:

@@ -18,6 +18,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from medformer.data import get_info, public_card
+from medformer.device import resolve_device
 from medformer.dp.accounting import history_steps
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
@@ -75,6 +77,9 @@ class Federation:
             self.state = RunState(**ckpt["state"])
             self.state.dropouts += refused
             log.info("resuming %s after round %d", sc.name, self.state.round)
+        for flag, _ in datasets:  # what an export needs to rebuild a model for a site's own dataset
+            if get_info(flag).imported:
+                self.state.datasets[flag] = public_card(get_info(flag))
         for site in sites.values():
             self.state.clients.setdefault(site.name, {"dataset": site.dataset, "size": site.size,
                                                       "num_examples": site.num_examples,
@@ -89,7 +94,7 @@ class Federation:
         evaluator = DownstreamEvaluator(
             self.cfg, datasets, data_dir=s.data_dir, linear_probe=ev.linear_probe, fine_tune=ev.fine_tune,
             fine_tune_epochs=ev.fine_tune_epochs, label_fraction=ev.label_fraction,
-            max_train_examples=ev.max_train_examples, seed=sc.seed)
+            max_train_examples=ev.max_train_examples, seed=sc.seed, device=resolve_device(sc.device))
 
         rounds = sc.training.rounds
         bar = progress(rounds, self.state.round, enabled=s.progress)

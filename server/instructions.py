@@ -32,7 +32,7 @@ class Instructor:
         return RoundInstructions(
             round=rnd, seed=sc.seed, site=site, model=sc.model, pretext=dict(sc.pretext), mask_ratio=sc.mask_ratio,
             training=sc.training, proximal_mu=sc.strategy.proximal_mu if sc.strategy.name == "fedprox" else 0.0,
-            threads=sc.simulation.threads_per_client, privacy=self.privacy_of(site),
+            threads=sc.simulation.threads_per_client, device=sc.device, privacy=self.privacy_of(site),
             privacy_state=self.privacy_states.get(site.name), data_dir=self.data_dir,
             fault=fault if self.faults else None,
         )

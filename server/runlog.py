@@ -33,6 +33,7 @@ class RunState:
     clients: dict[str, dict] = field(default_factory=dict)      # name -> latest per-site facts
     dropouts: list[dict] = field(default_factory=list)          # {round, site, reason}
     downstream: dict[int, dict] = field(default_factory=dict)   # round -> results
+    datasets: dict[str, dict] = field(default_factory=dict)     # imported dataset -> its public card
 
     def note_privacy(self, name: str, record: dict) -> None:
         """A site's DP-SGD figures from its reply's privacy record (refusals and late replies included)."""
@@ -118,6 +119,7 @@ class RunLog:
             "downstream_round": last,
             "dropouts": state.dropouts,
             "client_dp": client_dp,
+            "imported_datasets": state.datasets,
         }
         write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary

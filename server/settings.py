@@ -4,7 +4,7 @@ same keys, see ``server.app.with_run_config``).
 
     scenario          YAML scenario, relative to the app folder (default: quickstart)
     num-server-rounds, fraction-train, min-train-nodes, local-epochs, local-steps, batch-size,
-    lr, eval-every, model-preset, round-timeout   override the scenario's fields
+    lr, eval-every, model-preset, round-timeout, device   override the scenario's fields
     data-dir          MedMNIST folder for central evaluation (default: $MEDMNIST_DATA)
     out-dir           output folder (default: <runs folder>/<scenario>-<time>)
     expected-nodes    wait for this many sites (0 = simulation: one per scenario site;
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import Scenario, load_scenario
+from medformer.data import register_data_dir
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -82,6 +83,7 @@ RUN_CONFIG_FIELDS = {
     "round-timeout": "strategy.round_timeout",
     "eval-every": "evaluation.eval_every",
     "model-preset": "model.preset",
+    "device": "device",
 }
 
 class RunConfigError(ValueError):
@@ -120,6 +122,8 @@ def settings_from_run_config(run_config: dict, *, deployment: bool = False) -> R
     else:
         scenario_path = Path(scenario_value) if Path(scenario_value).is_absolute() else APP_DIR / scenario_value
     overrides = [f"{field}={run_config[key]}" for key, field in RUN_CONFIG_FIELDS.items() if key in run_config]
+    if data_value and not deployment:  # a site's imported datasets, named by the scenario (cards in data-dir)
+        register_data_dir(data_value)
     scenario = load_scenario(scenario_path, overrides)
     if deployment and scenario.faults:
         raise RunConfigError(f"scenario {scenario_value!r} declares faults: fault injection is a simulation-only "
@@ -131,6 +135,7 @@ def settings_from_run_config(run_config: dict, *, deployment: bool = False) -> R
             data_value = str(confined("data-dir", data_value, base=Path.cwd(),
                                       roots=_roots("MEDFL_DATA_DIRS", [os.environ.get("MEDMNIST_DATA", "")]),
                                       env="MEDFL_DATA_DIRS"))
+            register_data_dir(data_value)  # imported datasets the coordinator holds files of (central evaluation)
     else:
         out_dir = Path(out_value).resolve()
     expected = int(run_config.get("expected-nodes", -1 if deployment else 0))

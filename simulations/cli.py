@@ -1,7 +1,13 @@
 """The ``medfl`` command line.
 
-    medfl run CONFIG.yaml [--data-dir DIR] [--out DIR] [--set key=value]... [--resume]
+    medfl run CONFIG.yaml [--data-dir DIR] [--out DIR] [--set key=value]... [--resume] [--device D]
     medfl data [--data-dir DIR] [--download FLAG[@SIZE]]
+    medfl data import SRC --name NAME --task TASK [--labels labels.csv] --size 28|64 --out DIR
+    medfl export RUN_DIR --out MODEL_DIR [--round N]
+    medfl finetune MODEL_DIR --dataset FLAG [--data-dir DIR] [--label-fraction F] [--epochs E] [--linear-probe]
+                   [--device D] [--out DIR]
+    medfl predict MODEL_DIR --dataset FLAG (--split test|val|train [--data-dir DIR] | --images FILE.npz)
+                  --out preds.csv [--device D]
     medfl sweep-privacy CONFIG.yaml [--epsilons inf,16,8,4,2,1] [--repeats N] [--data-dir DIR] [--out DIR]
                         [--set key=value]... [--no-audit]
 
@@ -19,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from medformer.data import DataError, resolve_data_dir
+from medformer.data import AUGMENTATIONS, DataError, register_data_dir, resolve_data_dir
+from medformer.device import DeviceError, resolve_device
 from medformer.files import write_text_atomic
 from config import Scenario, ScenarioError, check_data_files, load_scenario
 
@@ -72,10 +79,24 @@ def prepare_out_dir(scenario: Scenario, config_path: Path, out: str | None, resu
     return out_dir
 
 
+def gpus_per_client(scenario: Scenario, device, n_clients: int) -> float:
+    """Flower's ``client-resources-num-gpus`` for each ClientApp: 0 on a CPU device; else the scenario's
+    ``simulation.gpus_per_client``, or one GPU shared by the ClientApps that run at once."""
+    if device.type != "cuda":
+        return 0.0
+    sim = scenario.simulation
+    if sim.gpus_per_client is not None:
+        return float(sim.gpus_per_client)
+    at_once = max(1, min(n_clients, (os.cpu_count() or 1) // sim.cpus_per_client))
+    return 1.0 / at_once
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    scenario = load_scenario(args.config, args.set)
-    out_dir = prepare_out_dir(scenario, Path(args.config), args.out, args.resume)
     data_dir = str(resolve_data_dir(args.data_dir))
+    register_data_dir(data_dir)  # a site's imported datasets (their cards) are names the scenario may use
+    scenario = load_scenario(args.config, [*args.set, *([f"device={args.device}"] if args.device else [])])
+    out_dir = prepare_out_dir(scenario, Path(args.config), args.out, args.resume)
+    device = resolve_device(scenario.device)
     check_data_files(scenario, data_dir)
     # --- inputs are valid: from here on we write ---
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "progress": not args.no_progress}
     os.environ["MEDMNIST_DATA"] = data_dir
     n = len(scenario.clients())
-    print(f"medfl: {scenario.name}: {n} hospitals, {scenario.training.rounds} rounds -> {out_dir}", file=sys.stderr)
+    gpus = gpus_per_client(scenario, device, n)
+    print(f"medfl: {scenario.name}: {n} hospitals, {scenario.training.rounds} rounds on {device}"
+          f"{f' ({gpus:g} GPU per ClientApp)' if gpus else ''} -> {out_dir}", file=sys.stderr)
     from flwr.simulation import run_simulation
 
     from server.app import with_run_config
@@ -97,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_simulation(
         server_app=with_run_config(run_config),
         client_app=load_component(CHAOS_CLIENT_APP if scenario.faults else CLIENT_APP), num_supernodes=n,
-        backend_config={"client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": 0.0},
+        backend_config={"client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": gpus},
                         "init_args": {"num_cpus": max(sim.cpus_per_client, os.cpu_count() or 1),
                                       "include_dashboard": False, "log_to_driver": args.verbose}},
         verbose_logging=args.verbose,
@@ -118,9 +141,48 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if getattr(args, "data_command", None) == "import":
+        from simulations.import_cmd import run_import
+
+        return run_import(args.src, name=args.name, task=args.task, labels=args.labels, size=args.size, out=args.out,
+                          classes=args.classes, seed=args.seed, fractions=args.split_fractions, modality=args.modality,
+                          license=args.license, progress=not args.no_progress)
     from simulations.data_cmd import run_data_command
 
     return run_data_command(args.data_dir, args.download)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from simulations.export_cmd import export_run
+
+    out = export_run(args.run_dir, args.out, args.round)
+    print(f"medfl export: {out} (model.safetensors, config.json, README.md); load it with "
+          f"medformer.load_pretrained({str(out)!r}) or `medfl finetune {out} --dataset FLAG`", file=sys.stderr)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from simulations.finetune_cmd import run_finetune
+
+    m = run_finetune(args.model_dir, dataset=args.dataset, size=args.size, data_dir=args.data_dir,
+                     label_fraction=args.label_fraction, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                     seed=args.seed, augment=args.augment, probe=args.linear_probe,
+                     max_train_examples=args.max_train_examples, device=args.device, out=args.out,
+                     progress=not args.no_progress)
+    print(f"{m['dataset']}: {m['method']} test AUC {m['auc']:.4f} ACC {m['acc']:.4f} (val AUC {m['val_auc']:.4f}, "
+          f"{m['n_train']} labelled images, {m['device']}) -> {m['out']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from simulations.predict_cmd import run_predict
+
+    done = run_predict(args.model_dir, dataset=args.dataset, out=args.out, split=args.split, images=args.images,
+                       size=args.size, data_dir=args.data_dir, device=args.device)
+    if "auc" in done:
+        print(f"{done['dataset']} {done['split']}: AUC {done['auc']:.4f} ACC {done['acc']:.4f} "
+              f"({done['images']} images, official metrics)")
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -129,6 +191,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         epsilons = parse_epsilons(args.epsilons)
         data_dir = str(resolve_data_dir(args.data_dir))
+        register_data_dir(data_dir)
         base, _ = plan_runs(args.config, epsilons, args.repeats, args.set, audit=not args.no_audit)
         check_data_files(base, data_dir)
         _quiet_flower(args.verbose)
@@ -161,13 +224,66 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--fallback-checkpoint", action="store_true",
                    help="with --resume: if the newest checkpoint is damaged, use the previous good one")
+    r.add_argument("--device", help="override the scenario's device: auto, cpu, cuda or cuda:N")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     r.set_defaults(func=cmd_run)
-    d = sub.add_parser("data", help="list the MedMNIST subsets and the state of their files")
+    d = sub.add_parser("data", help="list the MedMNIST subsets and the state of their files; import a site's images")
     d.add_argument("--data-dir", help="MedMNIST folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
     d.add_argument("--download", action="append", metavar="FLAG[@SIZE]", help="download a file (needs internet)")
     d.set_defaults(func=cmd_data)
+    dsub = d.add_subparsers(dest="data_command", parser_class=_Parser)
+    i = dsub.add_parser("import", help="a folder of PNG/JPEG images, NIfTI volumes or DICOM series as a dataset",
+                        description="Read a site's own images (MONAI), resize them like MedMNIST, split them, and "
+                                    "write an official-format npz plus a dataset card into --out.")
+    i.add_argument("src", help="folder of the images (the label file's paths are relative to it)")
+    i.add_argument("--name", required=True, help="the new dataset's name (lower-case letters, digits, '_')")
+    i.add_argument("--task", required=True,
+                   choices=["binary-class", "multi-class", "multi-label", "multi-label, binary-class",
+                            "ordinal-regression"], help="the labels' task")
+    i.add_argument("--labels", help="CSV with columns image,label[,split] (default: SRC/labels.csv)")
+    i.add_argument("--size", type=int, default=28, help="pixels per side: 28 or 64 (2D also 128, 224; default 28)")
+    i.add_argument("--out", required=True, help="data folder to write the npz and its card into")
+    i.add_argument("--classes", help="label names in class order, comma-separated (default: the labels found)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
+    i.add_argument("--split-fractions", default="0.7,0.1,0.2", help="train,val,test shares (default 0.7,0.1,0.2)")
+    i.add_argument("--modality", default="", help="what the images are, for the card (e.g. 'breast ultrasound')")
+    i.add_argument("--license", default="", help="the data's license or terms, for the card")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("export", help="a run's aggregated encoder as model.safetensors + config.json + model card")
+    e.add_argument("run_dir", help="the output folder of `medfl run` (or of a deployed ServerApp)")
+    e.add_argument("--out", required=True, help="model folder to create (must not exist, or be empty)")
+    e.add_argument("--round", type=int, help="export this round's checkpoint (default: the last)")
+    e.set_defaults(func=cmd_export)
+    f = sub.add_parser("finetune", help="fine-tune an exported encoder (or fit a linear probe) on a site's labels")
+    f.add_argument("model_dir", help="an exported model folder (medfl export, or an earlier medfl finetune)")
+    f.add_argument("--dataset", required=True, help="MedMNIST flag, or an imported dataset's name (see --data-dir)")
+    f.add_argument("--size", type=int, help="image size (default: the model's size for it, else 28)")
+    f.add_argument("--data-dir", help="data folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
+    f.add_argument("--label-fraction", type=float, default=1.0, help="share of the labels used (default 1)")
+    f.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    f.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the head (encoder: lr/3)")
+    f.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
+    f.add_argument("--max-train-examples", type=int, help="cap on labelled training images (stratified)")
+    f.add_argument("--augment", choices=list(AUGMENTATIONS), default="none",
+                   help="training augmentation: mirror (left-right flips, small shifts), views (flips on every "
+                        "axis, zoom, shift, contrast) or none (default)")
+    f.add_argument("--linear-probe", action="store_true", help="freeze the encoder; fit a logistic regression")
+    f.add_argument("--seed", type=int, default=0, help="seed of the label subset, head init and shuffling")
+    f.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    f.add_argument("--out", help="output folder (default: runs/finetune-<dataset>-<time>)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
+    q = sub.add_parser("predict", help="score images with a fine-tuned model (medmnist.Evaluator's CSV format)")
+    q.add_argument("model_dir", help="a model folder written by medfl finetune")
+    q.add_argument("--dataset", required=True, help="MedMNIST flag, or an imported dataset's name")
+    q.add_argument("--split", choices=["test", "val", "train"], help="score this split of --dataset in --data-dir")
+    q.add_argument("--images", help="or score these: an npz with an 'images' array in the dataset's format")
+    q.add_argument("--size", type=int, help="image size (default: the model's size for the dataset)")
+    q.add_argument("--data-dir", help="data folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
+    q.add_argument("--out", required=True, help="CSV to write: index, then one score per column, no header")
+    q.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    q.set_defaults(func=cmd_predict)
     s = sub.add_parser("sweep-privacy", help="run a scenario at several privacy budgets; tabulate accuracy and leakage")
     s.add_argument("config", help="scenario YAML, e.g. simulations/configs/quickstart.yaml")
     s.add_argument("--epsilons", default="inf,16,8,4,2,1",
@@ -195,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (UsageError, ScenarioError, DataError) as e:
+    except (UsageError, ScenarioError, DataError, DeviceError) as e:
         print(f"medfl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from medformer.data import (
     data_status,
     dataset_path,
     get_info,
+    register_data_dir,
     resolve_data_dir,
 )
 
@@ -45,6 +46,11 @@ def run_data_command(data_dir: str | None, download: list[str] | None = None) ->
     0 otherwise (missing files are normal: only some subsets are needed).
     """
     directory = resolve_data_dir(data_dir)
+    try:
+        register_data_dir(directory)  # imported datasets (dataset cards) are listed too
+    except DataError as e:
+        print(f"medfl data: {e}", file=sys.stderr)
+        return 2
     for spec in download or []:
         try:
             flag, size = parse_download_spec(spec)

@@ -51,8 +51,8 @@ class InProcessGrid:
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
             self.sent.append(m)
             delay = self.late.get(m.metadata.dst_node_id, 0.0) if m.metadata.message_type == "train" else 0.0
-            ready = time.monotonic() + delay
-            self._replies[m.metadata.message_id] = (ready, self._answer(m))
+            reply = self._answer(m)  # then late by `delay` seconds, however long the answer took on a busy machine
+            self._replies[m.metadata.message_id] = (time.monotonic() + delay, reply)
             ids.append(m.metadata.message_id)
         return ids
 

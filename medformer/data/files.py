@@ -85,6 +85,9 @@ def verify_file(flag: str, size: int, path: str | os.PathLike[str]) -> None:
 
 
 def _download(info: DatasetInfo, size: int, directory: Path) -> None:
+    if info.imported:
+        raise MissingFileError(f"{info.flag} is a site's imported dataset, not a MedMNIST file: there is nothing to "
+                               f"download; its card and npz come from `medfl data import`")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -119,6 +122,11 @@ def dataset_path(
     if not path.exists():
         if download:
             _download(info, size, directory)
+        if not path.exists() and info.imported:
+            raise MissingFileError(
+                f"{name} not found in {directory} (searched {path}); {flag} is a site's imported dataset "
+                f"(`medfl data import`): point --data-dir at the folder that holds it and its card"
+            )
         if not path.exists():
             raise MissingFileError(
                 f"{name} not found in {directory} (searched {path}); get it with "
@@ -271,6 +279,8 @@ def data_status(data_dir: str | os.PathLike[str] | None = None, *, verify: bool 
     rows: list[dict[str, Any]] = []
     for flag, info in REGISTRY.items():
         for size in info.sizes:
+            if size not in info._md5s:  # an imported dataset known only by its public description
+                continue
             name = file_name(flag, size)
             path = directory / name
             if not path.exists():

@@ -1,5 +1,11 @@
 """The MedMNIST registry: every subset's facts from ``medmnist.INFO`` (task, channels, sizes, MD5s),
-and the errors the data layer raises (the CLI maps :class:`DataError` to exit code 2)."""
+and the errors the data layer raises (the CLI maps :class:`DataError` to exit code 2).
+
+A site's own images join it as *imported* datasets (``medfl data import``): :func:`register` adds
+their entries, read from the dataset cards of a data folder (``medformer.data.cards``) or from the
+public description a site sends at discovery or an exported model carries; from then on a name
+works wherever a MedMNIST flag does.
+"""
 
 from __future__ import annotations
 
@@ -81,6 +87,7 @@ class DatasetInfo:
     n_samples: dict[str, int]
     sizes: tuple[int, ...]
     license: str
+    origin: str = "medmnist"  # or "imported" (a dataset card)
     _md5s: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
     _urls: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -110,9 +117,22 @@ class DatasetInfo:
     def __hash__(self) -> int:  # dict fields are unhashable; the flag identifies a subset
         return hash((self.flag, self.python_class))
 
+    @property
+    def imported(self) -> bool:
+        return self.origin != "medmnist"
+
     def md5(self, size: int) -> str:
-        """Official MD5 of the file for ``size``; :class:`UnsupportedSizeError` otherwise."""
+        """Official MD5 of the file for ``size``; :class:`UnsupportedSizeError` otherwise.
+
+        An imported dataset known here only from its public description (no card in this data
+        folder) has none: :class:`MissingFileError`.
+        """
         _check_size(self, size)
+        if size not in self._md5s:
+            raise MissingFileError(
+                f"{self.flag} (size {size}) is a dataset imported at a site; this machine knows only its "
+                "public description: its npz and dataset card are not in this data folder"
+            )
         return self._md5s[size]
 
     def url(self, size: int) -> str:
@@ -167,13 +187,51 @@ def get_info(flag: str) -> DatasetInfo:
     try:
         return REGISTRY[flag]
     except (KeyError, TypeError):
+        imported = [f for f, i in REGISTRY.items() if i.imported]
+        also = f"; imported here: {', '.join(imported)}" if imported else ""
         raise UnknownDatasetError(
-            f"unknown MedMNIST dataset {flag!r}; valid flags: {', '.join(REGISTRY)}"
+            f"unknown MedMNIST dataset {flag!r}; valid flags: {', '.join(f for f in REGISTRY if f not in imported)}"
+            f"{also} (a site's own images: `medfl data import`, then --data-dir the folder that holds its card)"
         ) from None
 
 
+#: What must agree between two descriptions of one imported dataset (checksums and counts may differ).
+PUBLIC_FACTS: tuple[str, ...] = ("task", "n_channels", "is_3d", "labels")
+
+
+def register(info: DatasetInfo) -> DatasetInfo:
+    """Add an imported dataset to the registry (idempotent), and return the entry now in force.
+
+    The same dataset described again (same task, channels, dimensionality and labels) merges: its
+    sizes and checksums join the entry. A MedMNIST flag, or a different dataset under a known name,
+    is a :class:`DataError` naming both.
+    """
+    if not info.imported:
+        raise DataError(f"register() is for imported datasets, not {info.flag!r} from {info.origin}")
+    old = REGISTRY.get(info.flag)
+    if old is None:
+        REGISTRY[info.flag] = info
+        return info
+    if not old.imported:
+        raise DataError(f"imported dataset name {info.flag!r} is a MedMNIST flag; import it under another --name")
+    differ = [f for f in PUBLIC_FACTS if getattr(old, f) != getattr(info, f)]
+    if differ:
+        raise DataError(
+            f"imported dataset {info.flag!r} is described differently in two places ({', '.join(differ)}: "
+            f"{getattr(old, differ[0])!r} vs {getattr(info, differ[0])!r}); give one of them another name"
+        )
+    merged = DatasetInfo(
+        flag=old.flag, python_class=old.python_class, modality=old.modality or info.modality, task=old.task,
+        n_channels=old.n_channels, is_3d=old.is_3d, labels=old.labels, n_samples=info.n_samples or old.n_samples,
+        sizes=tuple(sorted(set(old.sizes) | set(info.sizes))), license=old.license or info.license,
+        origin=old.origin, _md5s={**old._md5s, **info._md5s}, _urls={**old._urls, **info._urls},
+    )
+    REGISTRY[info.flag] = merged
+    return merged
+
+
 def _check_size(info: DatasetInfo, size: int) -> None:
-    if size not in info._md5s:
+    if size not in info.sizes:
         sizes = ", ".join(str(s) for s in info.sizes)
         raise UnsupportedSizeError(
             f"{info.flag} has no official size {size!r}; available sizes: {sizes}"

@@ -49,13 +49,19 @@ class MedMNISTSplit(Dataset):
         y = torch.from_numpy(np.asarray(self.labels[i], dtype=np.int64))
         return x, y
 
-    def batch(self, idx: np.ndarray | slice | Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vectorised batch: ``(float32 (B, C, ...), int64 (B, L))``."""
+    def batch(self, idx: np.ndarray | slice | Iterable[int], *, device: torch.device | str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised batch: ``(float32 (B, C, ...), int64 (B, L))``, on ``device`` (default: the CPU).
+
+        The one place data moves to the model's device: the uint8 pixels travel, then are scaled there.
+        """
         if not isinstance(idx, slice):
             idx = np.asarray(idx, dtype=np.int64)
-        x = to_float(torch.from_numpy(np.ascontiguousarray(self.images[idx])))
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
         y = torch.from_numpy(np.ascontiguousarray(self.labels[idx], dtype=np.int64))
-        return x, y
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        return to_float(x), y
 
     def subset(self, idx: np.ndarray | slice | Iterable[int]) -> "MedMNISTSplit":
         """A new split holding only ``idx`` (copies for index arrays, views for slices)."""

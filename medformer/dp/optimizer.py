@@ -51,5 +51,5 @@ def empty_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter
         if isinstance(optimizer, DPOptimizerFastGradientClipping):
             p.grad = torch.zeros_like(p)  # the clipped sum of no samples
         else:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()

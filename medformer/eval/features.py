@@ -46,8 +46,8 @@ def extract_features(
     out = np.empty((len(split), model.embed_dim), dtype=np.float32)
     try:
         for start in range(0, len(split), bs):
-            x, _ = split.batch(slice(start, start + bs))  # [B, C, *S] in [-1, 1]
-            out[start : start + x.shape[0]] = model.embed(x.to(device), dataset).float().cpu().numpy()
+            x, _ = split.batch(slice(start, start + bs), device=device)  # [B, C, *S] in [-1, 1]
+            out[start : start + x.shape[0]] = model.embed(x, dataset).float().cpu().numpy()
     finally:
         model.train(was_training)
     return out
@@ -58,7 +58,7 @@ def predict_scores(model: Medformer, split: MedMNISTSplit, dataset: str, task: s
     """Head scores ``(N, C)`` of a whole split (caller sets eval mode)."""
     device = device_of(model)
     bs = _batch_size_for(split, batch_size)
-    logits = [model(split.batch(slice(s, s + bs))[0].to(device), dataset).float().cpu()
+    logits = [model(split.batch(slice(s, s + bs), device=device)[0], dataset).float().cpu()
               for s in range(0, len(split), bs)]
     return head_scores(torch.cat(logits), task)
 

@@ -35,6 +35,7 @@ def fine_tune(
     validations: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     score_test: bool = True,
+    return_model: bool = False,
 ) -> dict[str, Any]:
     """End-to-end fine-tuning of a copy of ``model`` with the downstream head of ``dataset``.
 
@@ -65,6 +66,8 @@ def fine_tune(
         progress: called after every epoch with ``{epoch, train_loss, val_auc, val_acc}``.
         score_test: score the chosen epoch on test; False (choosing settings) leaves test unread and
             reports the validation metrics as ``auc``/``acc``.
+        return_model: also return the fine-tuned copy (the best epoch's weights, in eval mode) as
+            ``result["model"]``.
 
     Returns:
         ``auc``, ``acc`` (test, official), ``val_auc``, ``val_acc``, ``epochs``, ``best_epoch``,
@@ -111,9 +114,9 @@ def fine_tune(
         order = torch.randperm(n, generator=gen).numpy()
         total = 0.0
         for s in range(0, n, batch_size):
-            x, y = train.batch(order[s : s + batch_size])  # [B, C, *S], [B, L]
+            x, y = train.batch(order[s : s + batch_size], device=device)  # [B, C, *S], [B, L]
             x = augmented(x, policy, gen)
-            loss = head_loss(net(x.to(device), dataset), y.to(device), task).mean()
+            loss = head_loss(net(x, dataset), y, task).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tune loss is {loss.item()} at epoch {epoch} on {dataset}; lower lr")
             optim.zero_grad(set_to_none=True)
@@ -147,6 +150,8 @@ def fine_tune(
     }
     log.info("fine-tune %s: test auc %.4f acc %.4f (best epoch %d/%d, n_train=%d, %.1fs)",
              dataset, result["auc"], result["acc"], best_epoch, epochs, n, result["seconds"])
+    if return_model:
+        result["model"] = net
     return result
 
 

@@ -43,6 +43,7 @@ def _fit_logreg(x: np.ndarray, y: np.ndarray, task: str, n_classes: int, c: floa
                 cols = [np.full(len(z), f) if isinstance(f, float) else f.predict_proba(z)[:, 1] for f in fits]
                 return np.stack(cols, axis=1)  # (N, L) sigmoid scores
 
+            predict.affine = _affine_multi_label(fits, x.shape[1])
             return predict
         yc = y[:, 0]
         classes = np.unique(yc)
@@ -53,6 +54,7 @@ def _fit_logreg(x: np.ndarray, y: np.ndarray, task: str, n_classes: int, c: floa
                 out[:, classes[0]] = 1.0
                 return out
 
+            predict.affine = _affine_softmax(None, classes, n_classes, x.shape[1])
             return predict
         clf = make().fit(x, yc)  # lbfgs: multinomial for > 2 classes (ordinal as multi-class)
 
@@ -61,7 +63,37 @@ def _fit_logreg(x: np.ndarray, y: np.ndarray, task: str, n_classes: int, c: floa
             out[:, clf.classes_] = clf.predict_proba(z)  # classes absent from train get 0
             return out
 
+        predict.affine = _affine_softmax(clf, clf.classes_, n_classes, x.shape[1])
         return predict
+
+
+_NEVER = 1.0e4  # a logit whose softmax / sigmoid share is exactly 0 (or 1) in float64
+
+
+def _affine_softmax(clf, classes: np.ndarray, n_classes: int, dim: int) -> dict[str, np.ndarray]:
+    """(weight [C, dim], bias [C]) whose softmax is the classifier's ``predict_proba`` (binary:
+    softmax of [0, s] = [1 - sigmoid(s), sigmoid(s)]); classes absent from train get probability 0."""
+    weight, bias = np.zeros((n_classes, dim)), np.full(n_classes, -_NEVER)
+    if clf is None:  # one class only
+        bias[classes[0]] = 0.0
+    elif clf.coef_.shape[0] == 1:  # two classes: one logit, of classes[1]
+        bias[classes] = (0.0, clf.intercept_[0])
+        weight[classes[1]] = clf.coef_[0]
+    else:
+        weight[classes], bias[classes] = clf.coef_, clf.intercept_
+    return {"weight": weight, "bias": bias, "activation": "softmax"}
+
+
+def _affine_multi_label(fits: list, dim: int) -> dict[str, np.ndarray]:
+    """(weight [L, dim], bias [L]) whose sigmoids are the per-label ``predict_proba``; a constant label
+    gets the logit of its constant."""
+    weight, bias = np.zeros((len(fits), dim)), np.zeros(len(fits))
+    for j, f in enumerate(fits):
+        if isinstance(f, float):
+            bias[j] = _NEVER if f >= 0.5 else -_NEVER
+        else:
+            weight[j], bias[j] = f.coef_[0], f.intercept_[0]
+    return {"weight": weight, "bias": bias, "activation": "sigmoid"}
 
 
 def linear_probe(
@@ -75,6 +107,7 @@ def linear_probe(
     Cs: Iterable[float] = DEFAULT_CS,
     batch_size: int = 512,
     score_test: bool = True,
+    return_probe: bool = False,
 ) -> dict[str, Any]:
     """Linear evaluation of the frozen encoder.
 
@@ -94,6 +127,9 @@ def linear_probe(
         batch_size: images per forward pass when extracting features.
         score_test: score the chosen C on test; False (choosing settings) leaves test unread and
             reports the validation metrics as ``auc``/``acc``.
+        return_probe: also return the chosen probe as ``result["probe"]``: float64 ``mean`` and ``std``
+            (the train statistics that standardise the features), ``weight`` [C, dim], ``bias`` [C] and
+            ``activation`` (``softmax``, or ``sigmoid`` for multi-label), which reproduce its scores.
 
     Returns:
         ``auc``, ``acc`` (test, official), ``val_auc``, ``val_acc``, ``C``, ``n_train``, ``seconds``.
@@ -129,6 +165,8 @@ def linear_probe(
     }
     log.info("linear probe %s: test auc %.4f acc %.4f (C=%g, n_train=%d, %.1fs)",
              dataset, result["auc"], result["acc"], c_best, len(train), result["seconds"])
+    if return_probe:
+        result["probe"] = {"mean": mean, "std": std, **predict.affine}
     return result
 
 

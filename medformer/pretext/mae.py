@@ -130,7 +130,8 @@ class MaskedReconstruction(PretextTask):
 
     def losses(self, model, x, dataset, generator=None):
         n = model.tokenizer(dataset, x.shape[-1]).num_tokens
-        return self.masked_losses(model, x, dataset, torch.rand(x.shape[0], n, generator=generator, device=x.device))
+        # Drawn on the CPU (where the seeded generator lives), then moved: the same masks on any device.
+        return self.masked_losses(model, x, dataset, torch.rand(x.shape[0], n, generator=generator).to(x.device))
 
     def fixed_view_losses(self, model, x, dataset, *, views, seed):
         """The same ``views`` masks for every image (a score does not depend on the batch)."""
