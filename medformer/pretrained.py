@@ -200,9 +200,10 @@ def build_from_config(config: Mapping[str, Any], datasets: Iterable[DatasetRef] 
     probes = {f: h for f, h in config["heads"].items() if h.get("kind") == "linear_probe"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        extra = (PretextObjective(pretext["weights"], mask_ratio=pretext["mask_ratio"]).build_heads(cfg, datasets)
-                 if pretext else {})
-        model = build_medformer(cfg, datasets, downstream_heads=bool(heads), extra_outputs=extra)
+        objective = PretextObjective(pretext["weights"], mask_ratio=pretext["mask_ratio"]) if pretext else None
+        model = build_medformer(cfg, datasets, downstream_heads=bool(heads),
+                                extra_outputs=objective.build_heads(cfg, datasets) if objective else {},
+                                extra_inputs=objective.extra_inputs(datasets) if objective else ())
     for flag, _ in datasets:
         if flag not in heads and flag in model.outputs:
             del model.outputs[flag]

@@ -308,3 +308,18 @@ def test_medfl_run_then_export_then_load_end_to_end(real_data_dir, tmp_path):
         for flag, x in _probe_images(real_data_dir).items():
             assert np.abs(model.embed(x, flag).numpy() - theirs[flag]).max() == 0.0, flag
     assert get_info("breastmnist").task == "binary-class"
+
+
+def test_pretext_tokenizers_and_heads_survive_export(tmp_path):
+    """bridge gives a 3D-only model a 2D tokenizer, distill a head: both come back, exactly."""
+    from medformer.pretrained import load_pretrained, save_pretrained
+
+    pretext = {"weights": {"mae": 1.0, "bridge": 0.5, "distill": 0.5}, "mask_ratio": 0.75}
+    torch.manual_seed(3)
+    model = build_pretext_model(make_config("tiny"), [("adrenalmnist3d", 28)],
+                                PretextObjective(pretext["weights"]))
+    assert any(k.startswith("inputs.2d-1ch.") for k in model.state_dict())
+    save_pretrained(model, tmp_path / "m", preset="tiny", pretext=pretext)
+    loaded = load_pretrained(tmp_path / "m")
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
