@@ -30,6 +30,7 @@ from medformer.settings import setting
 from medformer.train import TrainingSpec
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedavgm", "median", "trimmed-mean"]
+Weighting = Literal["examples", "sqrt-examples", "uniform"]
 ClientDPMode = Literal["server", "client"]
 PartitionMethod = Literal["iid", "dirichlet"]
 
@@ -88,6 +89,8 @@ class StrategySpec:
         round_timeout: seconds the server waits for replies in one round.
         update_clip_norm: clip each hospital's update (reply - what it was sent) to this L2 norm
             before aggregation, a cheap defence against a scaled (poisoned) update; null = off.
+        weighting: site weights of the mean rules: ``examples`` (FedAvg), ``sqrt-examples`` or
+            ``uniform`` (small sites keep a say on the keys they share with large ones).
     """
 
     name: StrategyName = "fedavg"
@@ -99,6 +102,7 @@ class StrategySpec:
     min_train_nodes: int = setting(1, ge=1)
     round_timeout: float = setting(3600.0, gt=0)
     update_clip_norm: float | None = setting(None, gt=0, le=1e6)
+    weighting: Weighting = "examples"
 
     def _check(self) -> list[tuple[tuple, str]]:
         if self.name == "fedprox" and self.proximal_mu <= 0:

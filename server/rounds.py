@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.aggregation import Arrays, ServerOptimizer, Update, clip_update, keyed_mean, keyed_median, keyed_trimmed_mean
+from server.aggregation import (WEIGHTINGS, Arrays, ServerOptimizer, Update, clip_update, keyed_mean, keyed_median,
+                                keyed_trimmed_mean)
 from server.client_dp import ClientLevelDP
 
 RULES = ("mean", "median", "trimmed-mean")
@@ -52,7 +53,8 @@ class Aggregator:
     """Valid updates -> the next global model, key by key.
 
     Args:
-        rule: ``mean`` (weighted by examples), ``median`` or ``trimmed-mean`` (unweighted).
+        rule: ``mean`` (weighted as ``weighting`` says), ``median`` or ``trimmed-mean`` (unweighted).
+        weighting: the mean's site weights (``aggregation.site_weight``): examples, sqrt-examples, uniform.
         trim_fraction: for ``trimmed-mean``.
         server_optimizer: applied to the aggregate (FedAvg, FedAvgM, FedAdam).
         update_clip_norm: clip each update (reply - sent, over its keys) to this L2 norm first; None = off.
@@ -61,12 +63,15 @@ class Aggregator:
     """
 
     rule: str = "mean"
+    weighting: str = "examples"
     trim_fraction: float = 0.2
     server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
     update_clip_norm: float | None = None
     client_dp: ClientLevelDP | None = None
 
     def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
         if self.rule not in RULES:
             raise ValueError(f"unknown aggregation rule {self.rule!r}; choose from {', '.join(RULES)}")
         if self.client_dp is not None and self.rule != "mean":
@@ -91,6 +96,6 @@ class Aggregator:
         elif self.rule == "trimmed-mean":
             mean = keyed_trimmed_mean(updates, self.trim_fraction)
         else:
-            mean = keyed_mean(updates)
+            mean = keyed_mean(updates, self.weighting)
         # A stateful server optimizer (FedAvgM, FedAdam) only ever sees the (noised) mean.
         return self.server_optimizer.apply(current, mean)

@@ -199,7 +199,7 @@ def make_aggregator(scenario: Scenario) -> Aggregator:
     opt = {"fedadam": "fedadam", "fedavgm": "fedavgm"}.get(st.name, "fedavg")
     lr = st.server_lr if opt != "fedadam" or st.server_lr != 1.0 else 1e-2
     cdp = scenario.client_dp  # mode 'server' (the scenario refuses 'client' until the ClientApp clips itself)
-    return Aggregator(rule=rule, trim_fraction=st.trim_fraction,
+    return Aggregator(rule=rule, weighting=st.weighting, trim_fraction=st.trim_fraction,
                       server_optimizer=ServerOptimizer(opt, lr=lr, momentum=st.server_momentum),
                       update_clip_norm=st.update_clip_norm,
                       client_dp=ClientLevelDP(noise_multiplier=cdp.noise_multiplier, clipping_norm=cdp.clipping_norm)

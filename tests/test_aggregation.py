@@ -1,6 +1,8 @@
 """Keyed aggregation maths and the KeyedFedAvg strategy's scoping, without running Flower."""
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -9,8 +11,13 @@ from config import ModelSpec, Site, TrainingSpec
 from medformer.model import make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from protocol import ARRAYS, METRICS, RoundInstructions
-from server.aggregation import ServerOptimizer, Update, keyed_mean, keyed_median, keyed_trimmed_mean
-from server.strategy import KeyedFedAvg, RoundFailed
+from config import scenario_from_dict
+from config.schema import Weighting
+from server.aggregation import WEIGHTINGS, ServerOptimizer, Update, keyed_mean, keyed_median, keyed_trimmed_mean
+from server.strategy import KeyedFedAvg, RoundFailed, make_aggregator
+
+BASE_SCENARIO = {"name": "t", "pretext": {"mae": 1.0},
+                 "hospitals": [{"name": "breast", "dataset": "breastmnist"}]}
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -26,6 +33,20 @@ def test_keyed_mean_equals_hand_computed_weighted_mean():
     np.testing.assert_array_equal(out["latents.x.tokens"], only_a)  # held by a alone: a's value
     np.testing.assert_array_equal(out["latents.y.tokens"], only_b)
     assert out["body.w"].dtype == np.float32
+
+
+def test_site_weightings_of_the_mean():
+    a = Update("a", {"w": np.full(2, 1.0, np.float32)}, num_examples=900)
+    b = Update("b", {"w": np.full(2, 0.0, np.float32)}, num_examples=100)
+    assert keyed_mean([a, b])["w"][0] == pytest.approx(0.9)
+    assert keyed_mean([a, b], "sqrt-examples")["w"][0] == pytest.approx(30 / 40)
+    assert keyed_mean([a, b], "uniform")["w"][0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown weighting 'equal'; choose from examples, sqrt-examples, uniform"):
+        keyed_mean([a, b], "equal")
+    scenario_weightings = typing.get_args(Weighting)
+    assert scenario_weightings == WEIGHTINGS  # the scenario offers exactly what the aggregator does
+    sc = scenario_from_dict({**BASE_SCENARIO, "strategy": {"name": "fedavgm", "weighting": "uniform"}})
+    assert make_aggregator(sc).weighting == "uniform"
 
 
 def test_median_and_trimmed_mean_resist_one_outlier():
