@@ -127,7 +127,7 @@ def test_config_and_card_describe_the_run(exported, run):
     assert [(d["flag"], d["size"], d["input_kind"]) for d in config["datasets"]] == [
         ("breastmnist", 28, "2d-1ch"), ("pneumoniamnist", 28, "2d-1ch"), ("retinamnist", 28, "2d-3ch")]
     assert set(config["scopes"]) >= {"body", "inputs.2d-1ch", "inputs.2d-3ch", "latents.breastmnist", "outputs.mae"}
-    assert config["pretext"] == {"weights": {"mae": 1.0, "rotation": 0.5}, "mask_ratio": 0.75}
+    assert config["pretext"] == {"weights": {"mae": 1.0, "contrastive": 1.0}, "mask_ratio": 0.75}
     assert config["source"]["downstream"] == summary["downstream"]
     assert config["library"]["medformer-fl"] and config["library"]["torch"] == torch.__version__
     card = (exported / "README.md").read_text()

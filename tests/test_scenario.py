@@ -84,7 +84,7 @@ def test_quickstart_contents():
     assert [(c.name, c.dataset, c.size) for c in s.clients()] == [
         ("breast", "breastmnist", 28), ("pneumonia", "pneumoniamnist", 28),
         ("retina", "retinamnist", 28)]
-    assert s.model.preset == "default" and s.pretext == {"mae": 1.0, "rotation": 0.5}
+    assert s.model.preset == "default" and s.pretext == {"mae": 1.0, "contrastive": 1.0}
     assert (s.training.rounds, s.training.local_epochs, s.training.batch_size) == (3, 1.0, 128)
     assert s.evaluation.eval_every == 0 and s.evaluation.linear_probe
     assert s.privacy is None and s.client_dp is None

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.usefixtures("flower_task_identity", "one_torch_thread"
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 FAST = ["model.preset=tiny", "training.rounds=2", "training.local_steps=3", "training.batch_size=64",
-        "evaluation.linear_probe=false"]
+        "evaluation.linear_probe=false", "pretext={mae: 1.0, rotation: 0.5}"]
 OBJ = PretextObjective({"mae": 1.0, "rotation": 0.5})
 PLAN = dict(num_examples=546, batch_size=64, steps_per_round=3, rounds=2)
 
@@ -80,13 +80,13 @@ def test_the_site_tightens_every_weaker_request():
 # ---- one site's rounds, through the real ClientApp --------------------------------------------------
 
 def _train_message(node_id: int, rnd: int, *, privacy: dict | None, rounds: int = 2, privacy_state: str | None = None,
-                   fault: dict | None = None):
-    model = build_pretext_model(make_config("tiny"), [("breastmnist", 28)], OBJ)
+                   fault: dict | None = None, objective: PretextObjective = OBJ):
+    model = build_pretext_model(make_config("tiny"), [("breastmnist", 28)], objective)
     torch.manual_seed(0)
     sent = ArrayRecord(array_dict={k: Array(v.detach().numpy().copy()) for k, v in model.state_dict().items()})
     ins = RoundInstructions(
         round=rnd, seed=0, site=Site("breast", "breastmnist", 28), model=ModelSpec(preset="tiny"),
-        pretext=dict(OBJ.weights), mask_ratio=0.75,
+        pretext=dict(objective.weights), mask_ratio=0.75,
         training=TrainingSpec(rounds=rounds, batch_size=64, local_epochs=1.0, local_steps=3, lr=1e-3,
                               weight_decay=0.0, optimizer="adamw"),
         privacy=PrivacySpec(**privacy) if privacy else None, privacy_state=privacy_state,
@@ -124,6 +124,19 @@ def test_a_restarted_supernode_keeps_counting_from_its_own_ledger(real_data_dir,
     again = InProcessGrid({7: node}, run_id=2)
     [r4] = again.send_and_receive([_train_message(7, 1, privacy=asked)])
     assert "lifetime epsilon" in r4.content[REFUSAL]["reason"]
+
+
+def test_a_site_that_requires_dp_refuses_a_batch_coupled_pretext(real_data_dir, tmp_path):
+    """The quickstart's contrastive recipe at a site whose policy imposes DP: refused before any budget
+    is reserved or any weight leaves, with the reason in the reply."""
+    state_dir = tmp_path / "site-state"
+    grid = InProcessGrid({7: {"name": "breast", "dataset": "breastmnist", "data-dir": str(real_data_dir),
+                              "max-epsilon": 8.0, "state-dir": str(state_dir)}})
+    contrastive = PretextObjective({"mae": 1.0, "contrastive": 1.0})
+    [reply] = grid.send_and_receive([_train_message(7, 1, privacy=None, objective=contrastive)])
+    reason = reply.content[REFUSAL]["reason"]
+    assert "contrastive" in reason and "per-sample" in reason, reason
+    assert len(reply.content[ARRAYS]) == 0 and not (state_dir / "privacy-ledger-breast.json").exists()
 
 
 def test_a_private_reply_carries_no_unnoised_data_scalars(real_data_dir):

@@ -37,18 +37,21 @@ def test_budget_overrides_reach_every_hospital():
     assert s.privacy.max_grad_norm == 1.0  # the scenario's other DP settings are kept
     s = load_scenario(QUICKSTART_DP, [own, *sweep.budget_overrides(base, math.inf)])
     assert all(c.privacy is None for c in s.clients())
-    plain = load_scenario(QUICKSTART)  # no privacy section at all: the override creates one
-    s = load_scenario(QUICKSTART, sweep.budget_overrides(plain, 2.0))
+    per_sample = ["pretext={mae: 1.0, rotation: 0.5}"]  # the quickstart's contrastive task cannot run under DP
+    plain = load_scenario(QUICKSTART, per_sample)  # no privacy section at all: the override creates one
+    s = load_scenario(QUICKSTART, [*per_sample, *sweep.budget_overrides(plain, 2.0)])
     assert s.privacy.target_epsilon == 2.0 and s.privacy.accountant == "rdp"
 
 
 def test_plan_validates_every_budget_before_running():
-    base, plans = sweep.plan_runs(QUICKSTART, [math.inf, 8.0], 2, ["training.rounds=1"], audit=True)
+    base, plans = sweep.plan_runs(QUICKSTART_DP, [math.inf, 8.0], 2, ["training.rounds=1"], audit=True)
     assert [(p.name, p.seed) for p in plans] == [("eps-inf-rep-0", 0), ("eps-inf-rep-1", 1), ("eps-8-rep-0", 0),
                                                  ("eps-8-rep-1", 1)]
     assert "evaluation.audit=true" in plans[0].sets and "privacy=null" in plans[0].sets
-    with pytest.raises(ScenarioError, match="at epsilon 8: pretext.contrastive"):
-        sweep.plan_runs(QUICKSTART, [math.inf, 8.0], 1, ["pretext.contrastive=1.0"], audit=False)
+    with pytest.raises(ScenarioError, match="pretext.contrastive: task 'contrastive' couples"):
+        sweep.plan_runs(QUICKSTART_DP, [math.inf, 8.0], 1, ["pretext.contrastive=1.0"], audit=False)
+    with pytest.raises(ScenarioError, match="at epsilon 8: pretext.contrastive"):  # the quickstart's own pretext
+        sweep.plan_runs(QUICKSTART, [math.inf, 8.0], 1, [], audit=False)
 
 
 def _summary(auc: float, eps: float | None, audit: float, rounds: int = 2) -> dict:
@@ -80,11 +83,11 @@ def test_outputs_from_fake_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "_run_one", fake_run)
     out = tmp_path / "sweep"
     args = dict(epsilons=[math.inf, 4.0, 1.0], repeats=2, out=out, sets=["training.rounds=2"], progress=False)
-    assert sweep.run_sweep(QUICKSTART, **args) == 1  # one run failed
+    assert sweep.run_sweep(QUICKSTART_DP, **args) == 1  # one run failed
     md = (out / "tradeoff.md").read_text()
     assert "eps-1-rep-1: failed (exit code 1)" in md
     # Rerunning the same command reruns only what is missing.
-    assert sweep.run_sweep(QUICKSTART, **args) == 0
+    assert sweep.run_sweep(QUICKSTART_DP, **args) == 0
     assert calls.count("eps-inf-rep-0") == 1 and calls.count("eps-1-rep-1") == 2
     for name in ("tradeoff.csv", "tradeoff.json", "tradeoff.md", "tradeoff.png"):
         assert (out / name).stat().st_size > 0, name
@@ -102,7 +105,7 @@ def test_outputs_from_fake_runs(tmp_path, monkeypatch):
     assert "AUC rises from 0.720 at epsilon 4 to 0.760 at epsilon 1 (+0.040); within the run-to-run spread" in md
     # A different plan in the same folder is refused.
     with pytest.raises(sweep.SweepError, match="not empty"):
-        sweep.run_sweep(QUICKSTART, **{**args, "repeats": 1})
+        sweep.run_sweep(QUICKSTART_DP, **{**args, "repeats": 1})
 
 
 def test_cli_bad_input_is_exit_2_and_writes_nothing(tmp_path, capsys, real_data_dir):
@@ -121,7 +124,7 @@ def test_real_sweep_writes_the_four_files(tmp_path, real_data_dir):
     out = tmp_path / "sweep"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "sweep-privacy", str(QUICKSTART), "--epsilons", "inf,4",
+        [sys.executable, "-m", "simulations.cli", "sweep-privacy", str(QUICKSTART_DP), "--epsilons", "inf,4",
          "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress", "--set", "model.preset=tiny",
          "--set", "training.rounds=1", "--set", "training.local_steps=3", "--set", "evaluation.max_train_examples=300",
          "--set", "evaluation.audit_examples=100"],
