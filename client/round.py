@@ -90,10 +90,9 @@ def train_round(ins: RoundInstructions, site: Site, received: dict[str, torch.Te
         plan, notes = dp_plan(ins, len(data), policy)
     except PolicyRefusal as e:
         return RoundOutcome({}, None, refusal=str(e))
-    if plan is not None and not objective.per_sample:  # e.g. the site's policy imposes DP on a contrastive recipe
+    if plan is not None and objective.dp_objection():  # e.g. the site's policy imposes DP on a contrastive recipe
         return RoundOutcome({}, None, plan=plan, notes=notes, refusal=(
-            f"pretext task(s) {', '.join(objective.non_per_sample_tasks())} are not sums of per-sample losses, "
-            "so DP-SGD cannot protect them; this site trains only under DP (its policy or the server's request)"))
+            f"{objective.dp_objection()}; this site trains only under DP (its policy or the server's request)"))
     ledger = None
     if plan is not None:
         own = json.dumps({"history": store.history(run_id)}) if store and store.history(run_id) else None

@@ -47,7 +47,7 @@ def site_from_node_config(node_config: dict, *, roster: dict | None = None) -> S
         if data_dir is not None and not os.path.isdir(str(data_dir)):
             raise SiteConfigError(f"node-config data-dir={data_dir!r} is not a folder")
         try:
-            register_cards(data_dir)
+            register_data_dir(data_dir)
             info = get_info(flag)
         except DataError as e:
             raise SiteConfigError(f"node-config dataset: {e}") from None
@@ -62,7 +62,7 @@ def site_from_node_config(node_config: dict, *, roster: dict | None = None) -> S
         if not 0 <= pid < len(sites):
             raise SiteConfigError(f"partition-id {pid} but the scenario has {len(sites)} sites")
         site = from_plain(Site, sites[pid], f"roster.sites[{pid}]")
-        register_cards(roster.get("data_dir"))
+        register_data_dir(roster.get("data_dir"))
         return dataclasses.replace(site, privacy=None, data_dir=roster.get("data_dir"))
     raise SiteConfigError("node-config names no site: start the SuperNode with "
                           '--node-config \'dataset="<flag>" data-dir="<folder>"\'')
@@ -72,14 +72,8 @@ def site_for_round(ins: RoundInstructions, node_config: dict) -> Site:
     """This round's site: the node's own config if it names a dataset, else the server's entry."""
     if "dataset" in node_config:
         return site_from_node_config(node_config)
-    register_cards(ins.data_dir)
+    register_data_dir(ins.data_dir)
     return dataclasses.replace(ins.site, privacy=None, data_dir=ins.data_dir)
-
-
-def register_cards(data_dir: str | None) -> list[str]:
-    """Register the dataset cards of the site's data folder (else ``$MEDMNIST_DATA``): its own imported
-    datasets become names like any MedMNIST flag in this process."""
-    return register_data_dir(data_dir)
 
 
 def site_device(ins: RoundInstructions, node_config: dict) -> str:

@@ -249,11 +249,8 @@ def _train_local(model, objective, data, dataset, spec, *, generator, secret_gen
 
     clipper = None
     if ledger is not None:
-        if not objective.per_sample:
-            raise ValueError(
-                f"pretext task(s) {', '.join(objective.non_per_sample_tasks())} are not sums of per-sample "
-                "losses; DP-SGD cannot protect them"
-            )
+        if objective.dp_objection():
+            raise ValueError(objective.dp_objection())
         plan = ledger.plan
         secret = secret_generator if secret_generator is not None else fresh_secret_generator()
         optimizer, clipper = make_dp_sgd(

@@ -67,6 +67,13 @@ class PretextObjective:
     def non_per_sample_tasks(self) -> list[str]:
         return [n for n, t in self.tasks.items() if not t.per_sample]
 
+    def dp_objection(self) -> str | None:
+        """Why DP-SGD cannot protect this objective (its batch-coupled tasks), or None if it can."""
+        if self.per_sample:
+            return None
+        return (f"pretext task(s) {', '.join(self.non_per_sample_tasks())} are not sums of per-sample losses; "
+                "DP-SGD cannot protect them")
+
     def build_heads(self, cfg: MedformerConfig, datasets: Sequence[DatasetRef]) -> dict[str, nn.Module]:
         ds = normalise_datasets(datasets)
         return {n: t.build_head(cfg, ds) for n, t in self.tasks.items()}
