@@ -81,3 +81,24 @@ def test_quality_quick_writes_every_row_and_resumes(tmp_path, real_data_dir):
     from benchmarks import report
     text = report.build(out)
     assert "QUICK MODE" in text and "breastmnist" in text
+
+
+def test_quality_evaluate_scores_a_subset_of_a_federation_of_all(tmp_path, real_data_dir):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--seeds", "0", "--threads", "1",
+           "--datasets", "breastmnist,retinamnist", "--evaluate", "retinamnist", "--methods", "federated",
+           "--split", "val", "--data-dir", str(real_data_dir), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(r["method"], r["dataset"]) for r in read_rows(out / "quality-quick-val.jsonl")] == [
+        ("federated", "retinamnist")]
+    assert json.loads((out / "quality-quick-val.json").read_text())["datasets"] == ["retinamnist"]
+    # The federation still had both hospitals: breast's site trained in every round.
+    import torch
+    (cached,) = (out / "cache").glob("*/federated-seed0.pt")
+    log = json.loads(torch.load(cached, weights_only=True)["log"])
+    assert set(log["loss_per_round"]) == {"breastmnist", "retinamnist"}
+
+    bad = subprocess.run([*cmd[:-4], "--evaluate", "vesselmnist3d", *cmd[-4:]], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--evaluate vesselmnist3d" in bad.stderr

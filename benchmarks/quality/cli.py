@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2; quick: 0)")
     p.add_argument("--datasets", default=",".join(DATASETS),
                    help="hospitals of the federation and datasets evaluated (default: %(default)s)")
+    p.add_argument("--evaluate", default=None, metavar="DATASETS",
+                   help="score only these of --datasets (the federation keeps all of them); e.g. to choose a "
+                        "fine-tune recipe on the small sites")
     p.add_argument("--methods", default=",".join(METHODS), help="rows to run (default: %(default)s)")
     p.add_argument("--rounds", type=int, help="override the preset's federated rounds")
     p.add_argument("--split", choices=("test", "val"), default="test",
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(x) for x in _csv(args.seeds or ("0" if args.quick else "0,1,2"), None, "seeds")]
     datasets = _csv(args.datasets, DATASETS, "datasets")
     methods = _csv(args.methods, METHODS, "methods")
+    scored = _csv(args.evaluate, datasets, "evaluate") if args.evaluate else datasets
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     try:
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     others = len(rows_all) - len(mine)
     if others:
         log.info("%s: %d rows of other settings (fingerprints) are kept but not used", jsonl.name, others)
-    todo = [(m, d, s) for s in seeds for m in methods for d in datasets if (m, d, s) not in mine]
+    todo = [(m, d, s) for s in seeds for m in methods for d in scored if (m, d, s) not in mine]
     log.info("quality (%s, fingerprint %s): %d rows done, %d to run; %d threads; data %s", preset_name,
              exp.fingerprint, len(mine), 0 if args.summary_only else len(todo), torch.get_num_threads(), data_dir)
     interrupted = False
@@ -174,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("[%d/%d] %s %s seed %d: %s (%s)", i, len(todo), method, dataset, seed, cells,
                      fmt_seconds(row["seconds"]))
 
-    rows = [r for r in mine.values() if r["dataset"] in datasets]
-    expected = {(m, d, s) for s in seeds for m in methods for d in datasets} | {k for k in mine if k[1] in datasets}
+    rows = [r for r in mine.values() if r["dataset"] in scored]
+    expected = {(m, d, s) for s in seeds for m in methods for d in scored} | {k for k in mine if k[1] in scored}
     complete = all((m, d, s) in mine for s in seeds for m in METHODS for d in datasets)
-    summary = summarize(rows, datasets)
+    summary = summarize(rows, scored)
     compute = {"rows (sum of row wall times)": sum(r["seconds"] for r in rows)}
     for method in PRETRAINED:
         path = out / "cache" / f"quality-{preset_name}-{exp.pretrain_fingerprint}"
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "quality", "preset": preset_name, "quick": args.quick, "split": args.split,
         "label": QUICK_LABEL if args.quick else ("VALIDATION: choosing settings; the test split was not read"
                                                  if args.split == "val" else "full benchmark"),
-        "machine": machine_info(), "command": command_line(), "seeds": summary["seeds"], "datasets": datasets,
+        "machine": machine_info(), "command": command_line(), "seeds": summary["seeds"], "datasets": scored,
         "methods": list(METHODS), "fingerprint": exp.fingerprint, "settings": exp.describe(),
         "federation_note": "in-process, without Flower's messages: per round every site runs the product's "
                            "client.round.train_round and the server the product's server.rounds.Aggregator "
@@ -198,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows_done": len(rows), "rows_expected": len(expected),
         "complete": complete, "interrupted": interrupted,
         "wall_seconds": compute["rows (sum of row wall times)"], "compute": compute, "finished_at": now(),
-        "anchors": {d: ANCHORS[d] for d in datasets}, "anchor_source": ANCHOR_SOURCE,
+        "anchors": {d: ANCHORS[d] for d in scored}, "anchor_source": ANCHOR_SOURCE,
         "summary": summary, "rows_file": str(jsonl.relative_to(out)) if jsonl.is_relative_to(out) else str(jsonl),
     }
-    payload["targets"] = evaluate_targets(summary, datasets, compute["rows (sum of row wall times)"], complete,
+    payload["targets"] = evaluate_targets(summary, scored, compute["rows (sum of row wall times)"], complete,
                                           args.quick or args.split == "val")
     js, md = write_result(out, name, payload, render_markdown(payload))
     log.info("wrote %s and %s (%s this invocation)", js, md, fmt_seconds(compute["this invocation"]))
