@@ -27,6 +27,7 @@ from pathlib import Path
 
 from medformer.data import AUGMENTATIONS, DataError, register_data_dir, resolve_data_dir
 from medformer.device import DeviceError, resolve_device
+from medformer.eval.finetune import RECIPE
 from medformer.files import write_text_atomic
 from config import Scenario, ScenarioError, check_data_files, load_scenario
 
@@ -165,7 +166,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from simulations.finetune_cmd import run_finetune
 
     m = run_finetune(args.model_dir, dataset=args.dataset, size=args.size, data_dir=args.data_dir,
-                     label_fraction=args.label_fraction, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                     label_fraction=args.label_fraction, epochs=args.epochs, lr=args.lr, encoder_lr=args.encoder_lr,
+                     batch_size=args.batch_size,
                      seed=args.seed, augment=args.augment, probe=args.linear_probe,
                      max_train_examples=args.max_train_examples, device=args.device, out=args.out,
                      progress=not args.no_progress)
@@ -261,9 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--size", type=int, help="image size (default: the model's size for it, else 28)")
     f.add_argument("--data-dir", help="data folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
     f.add_argument("--label-fraction", type=float, default=1.0, help="share of the labels used (default 1)")
-    f.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
-    f.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the head (encoder: lr/3)")
-    f.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
+    f.add_argument("--epochs", type=int,
+                   help=f"fine-tuning epochs (default: the recipe chosen on validation, at least "
+                        f"{RECIPE['min_epochs']} epochs and {RECIPE['min_steps']} steps)")
+    f.add_argument("--lr", type=float, default=RECIPE["lr"], help="peak learning rate of the head (default %(default)g)")
+    f.add_argument("--encoder-lr", type=float, default=RECIPE["encoder_lr"],
+                   help="peak learning rate of the encoder (default %(default)g)")
+    f.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
+                   help="training batch size (default %(default)s)")
     f.add_argument("--max-train-examples", type=int, help="cap on labelled training images (stratified)")
     f.add_argument("--augment", choices=list(AUGMENTATIONS), default="none",
                    help="training augmentation: mirror (left-right flips, small shifts), views (flips on every "

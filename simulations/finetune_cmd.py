@@ -17,7 +17,7 @@ from typing import Any
 
 from medformer.data import DataError, get_info, load_splits, register_data_dir
 from medformer.device import resolve_device
-from medformer.eval import fine_tune, linear_probe
+from medformer.eval import RECIPE, fine_tune, label_subset, linear_probe, recipe_epochs
 from medformer.eval.probe_head import LinearProbe
 from medformer.pretrained import (attach_probe, load_pretrained, new_parts, probes_of, read_config, save_pretrained,
                                   with_datasets)
@@ -47,14 +47,16 @@ def out_folder(out: str | None, dataset: str) -> Path:
 
 
 def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_dir: str | None = None,
-                 label_fraction: float = 1.0, epochs: int = 5, lr: float = 1e-3, batch_size: int = 128,
+                 label_fraction: float = 1.0, epochs: int | None = None, lr: float = RECIPE["lr"],
+                 encoder_lr: float = RECIPE["encoder_lr"], batch_size: int = RECIPE["batch_size"],
                  seed: int = 0, augment: str = "none", probe: bool = False, max_train_examples: int | None = None,
                  device: str = "auto", out: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune (or probe) and write the out folder; returns metrics.json's content."""
+    """Fine-tune (or probe) and write the out folder; returns metrics.json's content. ``epochs=None``:
+    the recipe's (``medformer.eval.RECIPE``: at least its epochs and its optimizer steps)."""
     t0 = time.monotonic()
     if not 0.0 < label_fraction <= 1.0:
         raise DataError(f"--label-fraction {label_fraction} must be in (0, 1]")
-    if epochs < 1 or batch_size < 1:
+    if (epochs is not None and epochs < 1) or batch_size < 1:
         raise DataError(f"--epochs {epochs} and --batch-size {batch_size} must be >= 1")
     register_data_dir(data_dir)
     config = read_config(model_dir)
@@ -74,6 +76,10 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
         _say(f"a fresh head outputs.{dataset} ({info.num_outputs} outputs, {info.task})")
     method = "linear_probe" if probe else "fine_tune"
     kw = dict(label_fraction=label_fraction, max_train_examples=max_train_examples, seed=seed)
+    if epochs is None:
+        n_train = len(label_subset(splits["train"].labels, info.task, fraction=label_fraction,
+                                   max_examples=max_train_examples, seed=seed))
+        epochs = recipe_epochs(n_train, batch_size, min_epochs=RECIPE["min_epochs"], min_steps=RECIPE["min_steps"])
     from tqdm import tqdm
 
     dropped: list[str] = []
@@ -89,7 +95,8 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val_auc=f"{stats['val_auc']:.3f}")
 
-            result = fine_tune(model, splits, dataset, epochs=epochs, lr=lr, batch_size=batch_size, augment=augment,
+            result = fine_tune(model, splits, dataset, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
+                               batch_size=batch_size, augment=augment,
                                progress=step, return_model=True, **kw)
         final = result.pop("model")
         # The encoder changed: heads and probes fitted to the old one would score wrongly; only this one stays.
@@ -107,7 +114,8 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
         "test": {"auc": result["auc"], "acc": result["acc"]}, "val": {"auc": result["val_auc"], "acc": result["val_acc"]},
         **{k: v for k, v in result.items() if k not in ("auc", "acc", "val_auc", "val_acc", "seconds")},
         "label_fraction": label_fraction, "seed": seed, "device": str(dev), "augment": augment if not probe else None,
-        "lr": lr if not probe else None, "batch_size": batch_size if not probe else None,
+        "lr": lr if not probe else None, "encoder_lr": encoder_lr if not probe else None,
+        "batch_size": batch_size if not probe else None,
         "from_model": str(Path(model_dir).resolve()), "new_parts": parts, "fresh_head": fresh_head,
         "dropped_heads": dropped, "seconds": round(time.monotonic() - t0, 2),
     }
@@ -127,7 +135,8 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
 def report(m: dict[str, Any]) -> str:
     """report.md: the fine-tune's result for people."""
     settings = (f"C chosen on val: {m.get('C')}" if m["method"] == "linear_probe" else
-                f"{m['epochs']} epoch(s), best epoch {m['best_epoch']} (chosen on val), lr {m['lr']:g}, "
+                f"{m['epochs']} epoch(s), best epoch {m['best_epoch']} (chosen on val), lr {m['lr']:g} "
+                f"(encoder {m['encoder_lr']:g}), "
                 f"batch {m['batch_size']}, augment {m['augment']}")
     lines = [f"# {m['method'].replace('_', ' ')}: {m['dataset']} ({m['size']} pixels)", "",
              "Official MedMNIST metrics (`medmnist.evaluator.getAUC` / `getACC`); the model was selected on val, "

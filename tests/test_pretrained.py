@@ -323,3 +323,20 @@ def test_pretext_tokenizers_and_heads_survive_export(tmp_path):
     loaded = load_pretrained(tmp_path / "m")
     assert set(loaded.state_dict()) == set(model.state_dict())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_finetune_defaults_are_the_benchmarks_recipe():
+    """`medfl finetune` without settings trains as the quality benchmark's validated recipe does."""
+    from benchmarks.quality.experiment import PRESETS
+    from medformer.eval import RECIPE, recipe_epochs
+    from simulations.cli import build_parser
+
+    full = PRESETS["full"]
+    assert (full.fine_tune_batch, full.fine_tune_lr, full.fine_tune_encoder_lr, full.fine_tune_epochs,
+            full.min_steps) == (RECIPE["batch_size"], RECIPE["lr"], RECIPE["encoder_lr"], RECIPE["min_epochs"],
+                                RECIPE["min_steps"])
+    args = build_parser().parse_args(["finetune", "m", "--dataset", "breastmnist"])
+    assert (args.batch_size, args.lr, args.encoder_lr, args.epochs) == (32, RECIPE["lr"], RECIPE["encoder_lr"], None)
+    # BreastMNIST's 546 training images: 18 steps an epoch, so the 1200-step floor sets the epochs.
+    assert recipe_epochs(546, 32, min_epochs=20, min_steps=1200) == 67 == full.fine_tune_epochs_for(546)
+    assert recipe_epochs(4708, 32, min_epochs=20, min_steps=1200) == 20

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from client.round import train_round
 from config import Scenario, ScenarioError, load_scenario
 from medformer.baselines import small_cnn
 from medformer.data import MedMNISTSplit, load_splits
-from medformer.eval import fine_tune, label_subset, linear_probe, random_init_reference
+from medformer.eval import RECIPE, fine_tune, label_subset, linear_probe, random_init_reference, recipe_epochs
 from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.seeding import round_seed
@@ -85,7 +84,7 @@ class Preset:
 
     def fine_tune_epochs_for(self, n_train: int) -> int:
         """Epochs of a fine-tune on ``n_train`` labelled examples (the rows and the plan agree)."""
-        return max(self.fine_tune_epochs, math.ceil(self.min_steps / math.ceil(n_train / self.fine_tune_batch)))
+        return recipe_epochs(n_train, self.fine_tune_batch, min_epochs=self.fine_tune_epochs, min_steps=self.min_steps)
 
     def fine_tune_kwargs(self, seed: int) -> dict[str, Any]:
         """``medformer.eval.fine_tune`` arguments besides the epochs."""
@@ -113,8 +112,10 @@ PRESETS: dict[str, Preset] = {
     # Augmentation (600 steps, scratch and CNN): views 0.739/0.818, 0.767/0.815; mirror 0.731/0.808,
     # 0.825/0.810; none 0.744/0.807, 0.881/0.827. Breast's val split has 78 images: differences of a
     # few hundredths are within its noise.
-    "full": Preset(fine_tune_batch=32, fine_tune_encoder_lr=1e-3, fine_tune_augment="none", min_steps=1200,
-                   validations=20),
+    # The product holds the kept recipe (medformer.eval.RECIPE, medfl finetune's defaults).
+    "full": Preset(fine_tune_batch=RECIPE["batch_size"], fine_tune_lr=RECIPE["lr"],
+                   fine_tune_encoder_lr=RECIPE["encoder_lr"], fine_tune_epochs=RECIPE["min_epochs"],
+                   min_steps=RECIPE["min_steps"], fine_tune_augment="none", validations=20),
     "quick": Preset(sets=("model.preset=tiny", "training.rounds=2", "training.local_steps=2",
                           "training.batch_size=32"),
                     fine_tune_epochs=1, fine_tune_batch=64, max_train_examples=128, min_steps=2),

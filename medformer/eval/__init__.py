@@ -7,10 +7,10 @@
 """
 
 from medformer.eval.features import extract_features, predict_scores
-from medformer.eval.finetune import fine_tune, validation_epochs
+from medformer.eval.finetune import RECIPE, fine_tune, recipe_epochs, validation_epochs
 from medformer.eval.metrics import METHODS, TASKS, head_loss, head_scores, label_subset, official_metrics
 from medformer.eval.probe import DEFAULT_CS, linear_probe, random_init_reference
 
-__all__ = ["DEFAULT_CS", "METHODS", "TASKS", "extract_features", "fine_tune", "head_loss", "head_scores",
+__all__ = ["DEFAULT_CS", "METHODS", "RECIPE", "TASKS", "extract_features", "fine_tune", "head_loss", "head_scores",
            "label_subset", "linear_probe", "official_metrics", "predict_scores", "random_init_reference",
-           "validation_epochs"]
+           "recipe_epochs", "validation_epochs"]

@@ -18,6 +18,18 @@ from medformer.model import Medformer
 
 log = logging.getLogger(__name__)
 
+# The fine-tune recipe chosen on the validation splits by the quality benchmark (the selection and
+# its numbers: the comment above PRESETS in benchmarks/quality/experiment.py); `medfl finetune`'s
+# defaults. At least ``min_epochs`` passes and ``min_steps`` optimizer steps, so small sites train
+# as long as large ones.
+RECIPE: dict[str, Any] = {"batch_size": 32, "lr": 1e-3, "encoder_lr": 1e-3, "min_epochs": 20, "min_steps": 1200}
+
+
+def recipe_epochs(n_train: int, batch_size: int, *, min_epochs: int, min_steps: int) -> int:
+    """Epochs that give at least ``min_epochs`` passes over ``n_train`` examples and ``min_steps`` steps."""
+    return max(min_epochs, math.ceil(min_steps / math.ceil(n_train / batch_size)))
+
+
 def fine_tune(
     model: Medformer,
     splits: Mapping[str, MedMNISTSplit],
