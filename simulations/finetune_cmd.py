@@ -17,7 +17,7 @@ from typing import Any
 
 from medformer.data import DataError, get_info, load_splits, register_data_dir
 from medformer.device import resolve_device
-from medformer.eval import RECIPE, fine_tune, label_subset, linear_probe, recipe_epochs
+from medformer.eval import RECIPE, fine_tune, linear_probe
 from medformer.eval.probe_head import LinearProbe
 from medformer.pretrained import (attach_probe, load_pretrained, new_parts, probes_of, read_config, save_pretrained,
                                   with_datasets)
@@ -76,10 +76,8 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
         _say(f"a fresh head outputs.{dataset} ({info.num_outputs} outputs, {info.task})")
     method = "linear_probe" if probe else "fine_tune"
     kw = dict(label_fraction=label_fraction, max_train_examples=max_train_examples, seed=seed)
-    if epochs is None:
-        n_train = len(label_subset(splits["train"].labels, info.task, fraction=label_fraction,
-                                   max_examples=max_train_examples, seed=seed))
-        epochs = recipe_epochs(n_train, batch_size, min_epochs=RECIPE["min_epochs"], min_steps=RECIPE["min_steps"])
+    # --epochs unset: the recipe's least epochs and steps (fine_tune sizes the epochs from its subset).
+    min_epochs, min_steps = (RECIPE["min_epochs"], RECIPE["min_steps"]) if epochs is None else (epochs, 0)
     from tqdm import tqdm
 
     dropped: list[str] = []
@@ -90,13 +88,15 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
         attach_probe(model, dataset, LinearProbe.from_probe(result.pop("probe")))
         final = model
     else:
-        with tqdm(total=epochs, desc=f"fine-tune {dataset}", unit="epoch", disable=not progress, file=sys.stderr) as bar:
+        with tqdm(total=min_epochs, desc=f"fine-tune {dataset}", unit="epoch", disable=not progress,
+                  file=sys.stderr) as bar:
             def step(stats: dict) -> None:
-                bar.update(1)
+                bar.total = stats["epochs"]
+                bar.update(stats["epoch"] - bar.n)
                 bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val_auc=f"{stats['val_auc']:.3f}")
 
-            result = fine_tune(model, splits, dataset, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
-                               batch_size=batch_size, augment=augment,
+            result = fine_tune(model, splits, dataset, epochs=min_epochs, min_steps=min_steps, lr=lr,
+                               encoder_lr=encoder_lr, batch_size=batch_size, augment=augment,
                                progress=step, return_model=True, **kw)
         final = result.pop("model")
         # The encoder changed: heads and probes fitted to the old one would score wrongly; only this one stays.

@@ -328,6 +328,20 @@ def test_fine_tune_with_augmentation_and_sparse_validation(synth_dir) -> None:
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
 
 
+def test_fine_tune_min_steps_sizes_epochs_from_the_labels_it_draws(synth_dir) -> None:
+    sp = _splits(synth_dir, "retinamnist")
+    model = _model("retinamnist", heads=False)
+    seen: list[dict] = []
+    # 96 train images at batch 16: 6 steps an epoch, so 20 steps need 4 epochs; half the labels
+    # (48 images, 3 steps an epoch) need 7. Fewer steps than ``epochs`` give change nothing.
+    full = fine_tune(model, sp, "retinamnist", epochs=2, min_steps=20, batch_size=16, progress=seen.append)
+    half = fine_tune(model, sp, "retinamnist", epochs=2, min_steps=20, batch_size=16, label_fraction=0.5)
+    short = fine_tune(model, sp, "retinamnist", epochs=2, min_steps=3, batch_size=16)
+    assert (full["n_train"], full["epochs"]) == (96, 4) and (half["n_train"], half["epochs"]) == (48, 7)
+    assert short["epochs"] == 2
+    assert [(s["epoch"], s["epochs"]) for s in seen] == [(e, 4) for e in range(1, 5)]
+
+
 @pytest.mark.parametrize("epochs,validations,expected", [
     (5, None, {1, 2, 3, 4, 5}), (5, 9, {1, 2, 3, 4, 5}), (10, 2, {5, 10}), (7, 1, {7}), (100, 4, {25, 50, 75, 100}),
 ])

@@ -27,7 +27,7 @@ from client.round import train_round
 from config import Scenario, ScenarioError, load_scenario
 from medformer.baselines import small_cnn
 from medformer.data import MedMNISTSplit, load_splits
-from medformer.eval import RECIPE, fine_tune, label_subset, linear_probe, random_init_reference, recipe_epochs
+from medformer.eval import RECIPE, fine_tune, linear_probe, random_init_reference, recipe_epochs
 from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.seeding import round_seed
@@ -91,8 +91,9 @@ class Preset:
         return recipe_epochs(n_train, self.fine_tune_batch, min_epochs=self.fine_tune_epochs, min_steps=self.min_steps)
 
     def fine_tune_kwargs(self, seed: int) -> dict[str, Any]:
-        """``medformer.eval.fine_tune`` arguments besides the epochs."""
-        return dict(lr=self.fine_tune_lr, encoder_lr=self.fine_tune_encoder_lr, batch_size=self.fine_tune_batch,
+        """``medformer.eval.fine_tune`` arguments (it sizes the epochs from the labels it draws)."""
+        return dict(epochs=self.fine_tune_epochs, min_steps=self.min_steps,
+                    lr=self.fine_tune_lr, encoder_lr=self.fine_tune_encoder_lr, batch_size=self.fine_tune_batch,
                     augment=self.fine_tune_augment, validations=self.validations, seed=seed,
                     max_train_examples=self.max_train_examples)
 
@@ -345,8 +346,7 @@ class Experiment:
         probe = dict(seed=seed, max_train_examples=cap, score_test=self.split == "test")
 
         def all_labels(model) -> dict[str, float]:
-            n = len(label_subset(splits["train"].labels, splits["train"].info.task, max_examples=cap, seed=seed))
-            return _numbers(fine_tune(model, splits, dataset, **ft, epochs=p.fine_tune_epochs_for(n)))
+            return _numbers(fine_tune(model, splits, dataset, **ft))
 
         if method == "random_init":
             return {"linear_probe": _numbers(random_init_reference(self.cfg, (dataset, 28), splits, **probe))}
@@ -359,11 +359,8 @@ class Experiment:
             out = {}
             fed = self.encoder(self.pretrained("federated", seed).states[dataset], dataset)
             for fraction in p.label_fractions:
-                n = len(label_subset(splits["train"].labels, splits["train"].info.task, fraction=fraction,
-                                     max_examples=cap, seed=seed))
                 for init, model in (("federated", fed), ("random", self.random_model(dataset, seed))):
-                    out[f"{init}@{fraction:g}"] = _numbers(fine_tune(model, splits, dataset,
-                                                                     **{**ft, "epochs": p.fine_tune_epochs_for(n)},
+                    out[f"{init}@{fraction:g}"] = _numbers(fine_tune(model, splits, dataset, **ft,
                                                                      label_fraction=fraction))
             return out
         pre = self.pretrained(method, seed)

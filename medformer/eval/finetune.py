@@ -36,6 +36,7 @@ def fine_tune(
     dataset: str,
     *,
     epochs: int = 5,
+    min_steps: int = 0,
     lr: float = 1e-3,
     encoder_lr: float | None = None,
     batch_size: int = 128,
@@ -59,7 +60,9 @@ def fine_tune(
         model: Medformer built for ``dataset``; never modified.
         splits: ``{"train", "val", "test"}`` splits of ``dataset``.
         dataset: MedMNIST flag.
-        epochs: passes over the (subsampled) train split.
+        epochs: least passes over the (subsampled) train split.
+        min_steps: least optimizer steps: more epochs than ``epochs`` when the (subsampled) train
+            split is small, so small sites and label subsets train as long as large ones (``RECIPE``).
         lr: peak learning rate of the head.
         encoder_lr: peak learning rate of the encoder (inputs, latents, body); default ``lr / 3``.
         batch_size: training batch size (evaluation batches may be larger).
@@ -75,7 +78,8 @@ def fine_tune(
         validations: validate after this many evenly spaced epochs (always including the last)
             instead of after every epoch; long fine-tunes of tiny label subsets would otherwise
             spend most of their time on validation.
-        progress: called after every epoch with ``{epoch, train_loss, val_auc, val_acc}``.
+        progress: called after every validated epoch with ``{epoch, epochs, train_loss, val_auc,
+            val_acc}`` (``epochs``: the total, ``min_steps`` included).
         score_test: score the chosen epoch on test; False (choosing settings) leaves test unread and
             reports the validation metrics as ``auc``/``acc``.
         return_model: also return the fine-tuned copy (the best epoch's weights, in eval mode) as
@@ -99,6 +103,8 @@ def fine_tune(
     train, val_split = labelled_subsets(splits, task, fraction=label_fraction, max_examples=max_train_examples,
                                         seed=seed)
     n = len(train)
+    steps_per_epoch = math.ceil(n / batch_size)
+    epochs = recipe_epochs(n, batch_size, min_epochs=epochs, min_steps=min_steps)
     gen = torch.Generator().manual_seed(seed)
 
     net = copy.deepcopy(model)
@@ -114,7 +120,6 @@ def fine_tune(
          for ps, group_lr in groups for decay in (True, False) if any((p.ndim >= 2) == decay for p in ps)],
         lr=lr, weight_decay=weight_decay,
     )
-    steps_per_epoch = math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=epochs * steps_per_epoch)
 
     best_key: tuple[float, float] | None = None
@@ -141,7 +146,7 @@ def fine_tune(
         net.eval()
         val = official_metrics(val_split.labels,
                                predict_scores(net, val_split, dataset, task, batch_size=max(batch_size, 256)), task)
-        stats = {"epoch": epoch, "train_loss": total / n, "val_auc": val["auc"], "val_acc": val["acc"]}
+        stats = {"epoch": epoch, "epochs": epochs, "train_loss": total / n, "val_auc": val["auc"], "val_acc": val["acc"]}
         log.info("fine-tune %s epoch %d/%d: loss %.4f val auc %.4f acc %.4f",
                  dataset, epoch, epochs, stats["train_loss"], val["auc"], val["acc"])
         if progress is not None:
