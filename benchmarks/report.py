@@ -44,6 +44,8 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
               f"{q['rows_done']} of {q['rows_expected']} rows"
               + ("" if q["complete"] else " (**incomplete**)") + f"; {_machine(q['machine'])}; "
               f"details in [results/quality-{q['preset']}.md](results/quality-{q['preset']}.md).", ""]
+    if q.get("plot") and (results / q["plot"]).exists():
+        lines += [f"![Test AUC per method and dataset](results/{q['plot']})", ""]
     cols = [("random_init", "random init + LP"), ("local_only", "local-only SSL + LP"),
             ("federated_probe", "**federated SSL + LP**"), ("centralized", "centralized SSL + LP"),
             ("dp_federated_probe", "federated SSL DP eps 8 + LP"), ("federated_finetune", "**federated SSL + FT**"),

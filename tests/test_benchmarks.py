@@ -38,6 +38,21 @@ def _quality(out: Path, data_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def test_quality_plot_draws_the_columns_it_has_and_leaves_no_temporary_file(tmp_path):
+    from benchmarks.quality.plot import plot_quality
+    from benchmarks.quality.summary import summarize
+
+    rows = [{"method": m, "dataset": d, "seed": seed, "metrics": {ev: {"auc": auc + 0.01 * seed, "acc": 0.5}}}
+            for seed in (0, 1) for d in ("breastmnist", "vesselmnist3d")
+            for m, ev, auc in (("random_init", "linear_probe", 0.70), ("federated", "linear_probe", 0.80),
+                               ("federated", "fine_tune", 0.85))]
+    payload = {"summary": summarize(rows, ["breastmnist", "vesselmnist3d"]), "datasets": ["breastmnist", "vesselmnist3d"],
+               "anchors": {"breastmnist": {"auc": 0.901}}, "split": "test"}
+    plot_quality(payload, tmp_path / "q.png")
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.png"]
+
+
 @pytest.mark.slow
 def test_quality_quick_writes_every_row_and_resumes(tmp_path, real_data_dir):
     out = tmp_path / "results"
@@ -71,6 +86,8 @@ def test_quality_quick_writes_every_row_and_resumes(tmp_path, real_data_dir):
     assert {t["status"] for t in payload["targets"]} <= {"met", "missed", "n/a"}
     md = (out / "quality-quick.md").read_text()
     assert "QUICK MODE" in md and "breastmnist" in md and "wall time" in md
+    assert payload["plot"] == "quality-quick.png" and f"]({payload['plot']})" in md
+    assert (out / "quality-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Rerunning the same command resumes: nothing is redone, no row is duplicated.
     again = _quality(out, real_data_dir)

@@ -45,6 +45,7 @@ from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, DATASETS, RESULTS, comman
 from benchmarks.quality.experiment import (METHODS, PRESETS, PRETRAINED, QUICK_LABEL, Experiment, append_row, read_rows,
                                            with_overrides)
 from benchmarks.quality.plan import plan
+from benchmarks.quality.plot import plot_quality
 from benchmarks.quality.summary import evaluate_targets, render_markdown, summarize
 from config import ScenarioError
 from medformer.data import DataError, resolve_data_dir
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload["targets"] = evaluate_targets(summary, scored, compute["rows (sum of row wall times)"], complete,
                                           args.quick or args.split == "val")
+    payload["plot"] = f"{name}.png"
+    plot_quality(payload, out / payload["plot"])
     js, md = write_result(out, name, payload, render_markdown(payload))
     log.info("wrote %s and %s (%s this invocation)", js, md, fmt_seconds(compute["this invocation"]))
     if not args.no_report and args.split == "test" and out.resolve() == RESULTS.resolve():

@@ -16,6 +16,13 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "dp_federated_probe": ("dp_federated", "linear_probe"), "federated_finetune": ("federated", "fine_tune"),
     "supervised_scratch": ("supervised_scratch", "fine_tune"), "cnn_scratch": ("cnn_scratch", "fine_tune"),
 }
+#: The columns as people read them (tables and the plot).
+COLUMN_NAMES: dict[str, str] = {
+    "random_init": "random init + LP", "local_only": "local-only SSL + LP", "federated_probe": "federated SSL + LP",
+    "centralized": "centralized SSL + LP", "dp_federated_probe": "federated SSL, DP eps 8 + LP",
+    "federated_finetune": "federated SSL + FT", "supervised_scratch": "Medformer scratch FT",
+    "cnn_scratch": "small CNN scratch FT",
+}
 #: Paired per-seed differences (a - b) of test AUC: name -> (a, b), each (method, evaluation).
 PAIRS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
     "federated_minus_random_init_probe": (("federated", "linear_probe"), ("random_init", "linear_probe")),
@@ -168,10 +175,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
               f"augmentation {st.get('fine_tune_augment')}); "
               f"label cap {st['max_train_examples'] or 'none'}. {where} metrics, official MedMNIST definitions; "
               "mean ± std over seeds.", ""]
-    cols = [("random_init", "random init + LP"), ("local_only", "local-only SSL + LP"),
-            ("federated_probe", "federated SSL + LP"), ("centralized", "centralized SSL + LP"),
-            ("dp_federated_probe", "federated SSL, DP eps 8 + LP"), ("federated_finetune", "federated SSL + FT"),
-            ("supervised_scratch", "Medformer scratch FT"), ("cnn_scratch", "small CNN scratch FT")]
+    cols = list(COLUMN_NAMES.items())
+    if payload.get("plot"):
+        lines += [f"![{where} AUC per method and dataset]({payload['plot']})", ""]
     for metric in ("auc", "acc"):
         lines += [f"## {where} {metric.upper()}", ""]
         rows = [[d] + [fmt_ms(s["table"][d][c][metric]) for c, _ in cols] + [f"{ANCHORS[d][metric]:.3f}"] for d in ds]
