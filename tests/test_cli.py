@@ -163,6 +163,7 @@ def test_bench_forwards_to_the_benchmark_module(tmp_path, real_data_dir):
     assert plan["preset"] == "quick" and plan["seeds"] == [0]
     assert {"federated", "dp_federated", "cnn_scratch"} <= set(plan["methods"])
     assert plan["rows"] == len(plan["methods"])  # one dataset, one seed: a row per method
+    assert plan["images_per_seed"]["small CNN fine-tunes"] > 0  # the CNN baseline's work is counted too
     bad = _medfl("bench", "quality", "--datasets", "nosuchmnist", "--data-dir", str(real_data_dir),
                  "--out", str(tmp_path))
     assert bad.returncode == 2 and "unknown --datasets nosuchmnist" in bad.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from benchmarks.quality.experiment import PRETRAINED, Experiment
+from medformer.baselines import small_cnn
 from medformer.data import get_info
 from medformer.eval import label_subset, validation_epochs
 from medformer.model import build_medformer
@@ -17,7 +18,8 @@ from medformer.pretext import build_pretext_model
 
 
 def _flops_per_image(exp: "Experiment", dataset: str) -> dict[str, float]:
-    """FLOPs per image (torch.utils.flop_counter) of a pretext step, a fine-tune step and a forward.
+    """FLOPs per image (torch.utils.flop_counter) of a pretext step, a fine-tune step and a forward, and of
+    the small CNN's fine-tune step and forward.
 
     Forwards are counted through the encoder (``embed``; the task head's two query tokens add little,
     and the counter's module tracker trips over them), a fine-tune step as 3 forwards (forward + backward).
@@ -36,6 +38,11 @@ def _flops_per_image(exp: "Experiment", dataset: str) -> dict[str, float]:
             net.embed(x, dataset)
         out["forward"] = c.get_total_flops() / 8
         out["fine_tune"] = 3 * out["forward"]
+        cnn = small_cnn(dataset)
+        with FlopCounterMode(display=False) as c, torch.no_grad():
+            cnn.embed(x, dataset)
+        out["cnn_forward"] = c.get_total_flops() / 8
+        out["cnn_fine_tune"] = 3 * out["cnn_forward"]
     return out
 
 
@@ -65,6 +72,9 @@ def plan(exp: "Experiment", seeds: Sequence[int], methods: Sequence[str], system
         ep = p.fine_tune_epochs_for(n_tr)
         add("fine-tunes, all labels", d, "fine_tune", ft * ep * n_tr)
         add("fine-tunes, all labels", d, "forward", ft * (len(validation_epochs(ep, p.validations)) * n_eval + n_test))
+        if "cnn_scratch" in methods:  # its 3x3(x3) convolutions at full resolution cost more than the Medformer
+            add("small CNN fine-tunes", d, "cnn_fine_tune", ep * n_tr)
+            add("small CNN fine-tunes", d, "cnn_forward", len(validation_epochs(ep, p.validations)) * n_eval + n_test)
         if "label_efficiency" in methods:
             for f in p.label_fractions:
                 n = len(label_subset(sp["train"].labels, sp["train"].info.task, fraction=f,
