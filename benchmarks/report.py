@@ -177,10 +177,12 @@ def build(results: Path = RESULTS) -> str:
                      "avoids the 2-thread stalls seen in the systems benchmark")
     else:
         full_time = "run `python -m benchmarks.quality --plan` for an estimate"
+    size = (f"{plan['rows']} rows: 5 datasets x {len(plan['methods'])} methods x {len(plan['seeds'])} seeds"
+            if plan and plan.get("methods") else "5 datasets x every method x 3 seeds")
     lines += ["## Rerun", "", md_table(["what", "command", "time"], [
         ["quality, quick (every row, tiny settings)", f"`{QUICK_COMMAND}`",
          fmt_seconds(quick["compute"]["this invocation"]) + " here" if quick else "minutes"],
-        ["quality, full (5 datasets x 6 methods x 3 seeds; resumable: rerun the same command)",
+        [f"quality, full ({size}; resumable: rerun the same command)",
          f"`{FULL_COMMAND}`", full_time],
         ["throughput, plain and DP-SGD (`--dp-clipping hooks` for Opacus's materialised per-sample gradients)",
          f"`{THROUGHPUT_COMMAND}`", "about 2 min"],
