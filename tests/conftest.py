@@ -55,3 +55,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The quickstart as the CLI tests run it: tiny model, a few local steps, a capped probe.
+QUICKSTART_FAST_SETS = ("training.rounds=2", "model.preset=tiny", "training.local_steps=3",
+                        "evaluation.max_train_examples=300")
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, real_data_dir) -> Path:
+    """One finished `medfl run` of the quickstart (QUICKSTART_FAST_SETS), shared by the tests that only
+    read its output folder: each end-to-end run costs half a minute on 2 cores. Treat it as read-only."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    sets = [x for s in QUICKSTART_FAST_SETS for x in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "run",
+                           str(REPO_ROOT / "simulations" / "configs" / "quickstart.yaml"), "--data-dir",
+                           str(real_data_dir), "--out", str(out), "--no-progress", *sets], cwd=REPO_ROOT,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -119,3 +119,12 @@ def test_quality_evaluate_scores_a_subset_of_a_federation_of_all(tmp_path, real_
     bad = subprocess.run([*cmd[:-4], "--evaluate", "vesselmnist3d", *cmd[-4:]], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--evaluate vesselmnist3d" in bad.stderr
+
+
+def test_paired_cell_shows_seeds_only_when_there_are_several():
+    from benchmarks.quality.summary import paired_cell
+
+    assert paired_cell({**mean_std([]), "values": []}) == "—"
+    assert paired_cell({**mean_std([0.082]), "values": [0.082]}) == "+0.082"
+    two = paired_cell({**mean_std([0.08, 0.04]), "values": [0.08, 0.04]})
+    assert two.startswith("+0.060 ± ") and two.endswith("(+0.080, +0.040)"), two

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import QUICKSTART_FAST_SETS
 from simulations.cli import main
 from tools.processes import descendants
 
@@ -83,13 +84,8 @@ def _final_arrays(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end_writes_the_output_folder(tmp_path, real_data_dir):
-    import json
-
-    out = tmp_path / "run"
-    proc = _medfl("run", str(QUICKSTART), "--data-dir", str(real_data_dir), "--out", str(out), "--no-progress",
-                  "--set", "training.rounds=2", *FAST)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_quickstart_end_to_end_writes_the_output_folder(quickstart_run):
+    out = quickstart_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["scenario"] == "quickstart"
     assert set(summary["clients"]) == {"breast", "pneumonia", "retina"}
@@ -104,13 +100,10 @@ def test_quickstart_end_to_end_writes_the_output_folder(tmp_path, real_data_dir)
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_gives_the_same_final_weights(tmp_path, real_data_dir):
-    common = ["--data-dir", str(real_data_dir), "--no-progress", "--set", "training.rounds=3", *FAST,
-              "--set", "evaluation.linear_probe=false"]
-    straight = tmp_path / "straight"
-    proc = _medfl("run", str(QUICKSTART), "--out", str(straight), *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+def test_resume_after_kill_9_gives_the_same_final_weights(tmp_path, real_data_dir, quickstart_run):
+    # the uninterrupted run is the shared one; this run is killed after round 1 and resumed
+    common = ["--data-dir", str(real_data_dir), "--no-progress", *[x for s in QUICKSTART_FAST_SETS for x in ("--set", s)]]
+    straight = quickstart_run
     broken = tmp_path / "broken"
     p = subprocess.Popen([sys.executable, "-m", "simulations.cli", "run", str(QUICKSTART), "--out", str(broken),
                           *common], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

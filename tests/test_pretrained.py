@@ -277,15 +277,9 @@ def test_heavy_imports_stay_out_of_the_core_path():
 
 
 @pytest.mark.slow
-def test_medfl_run_then_export_then_load_end_to_end(real_data_dir, tmp_path):
-    out, model_dir = tmp_path / "run", tmp_path / "model"
+def test_medfl_run_then_export_then_load_end_to_end(real_data_dir, tmp_path, quickstart_run):
+    out, model_dir = quickstart_run, tmp_path / "model"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    sets = [x for s in ["training.rounds=2", "model.preset=tiny", "training.local_steps=3",
-                        "evaluation.max_train_examples=300"] for x in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "run", str(QUICKSTART), "--data-dir",
-                           str(real_data_dir), "--out", str(out), "--no-progress", *sets], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "export", str(out), "--out", str(model_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -147,6 +147,13 @@ PAIR_LABELS = {
 }
 
 
+def paired_cell(pair: dict[str, Any]) -> str:
+    """Mean ± std of a paired difference, then its per-seed values (just the value for one seed, — for none)."""
+    if len(pair["values"]) < 2:
+        return fmt_ms(pair, signed=True)
+    return fmt_ms(pair, signed=True) + " (" + ", ".join(f"{v:+.3f}" for v in pair["values"]) + ")"
+
+
 def render_markdown(payload: dict[str, Any]) -> str:
     quick = payload["quick"]
     split = payload.get("split", "test")
@@ -193,9 +200,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
     lines += [md_table(head, rows), "",
               "100% = the federated fine-tune and Medformer-scratch rows above.", ""]
     lines += [f"## Paired per-seed differences ({where.lower()} AUC)", ""]
-    rows = [[d] + [fmt_ms(s["pairs"][k][d], signed=True) + " (" + ", ".join(f"{v:+.3f}" for v in s["pairs"][k][d]["values"])
-                   + ")" for k in PAIR_LABELS] for d in ds]
-    lines += [md_table(["dataset"] + list(PAIR_LABELS.values()), rows), ""]
+    rows = [[d] + [paired_cell(s["pairs"][k][d]) for k in PAIR_LABELS] for d in ds]
+    lines += [md_table(["dataset"] + list(PAIR_LABELS.values()), rows), "",
+              "Each cell: mean ± std of the per-seed differences, then the differences seed by seed.", ""]
     lines += ["## Targets", ""]
     rows = []
     for t in payload["targets"]:
