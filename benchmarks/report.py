@@ -15,6 +15,7 @@ from typing import Any
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, REPO, RESULTS, fmt_bytes, fmt_ms, fmt_seconds, md_table,
                                read_json, write_atomic)
+from benchmarks.quality.summary import target_margin
 
 README = REPO / "benchmarks" / "README.md"
 
@@ -71,7 +72,7 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
     missed = [t for t in q["targets"] if t["status"] == "missed"]
     lines += [f"Targets{' (quick mode: meaningless)' if quick else ''}: {len(met)} met, {len(missed)} missed, "
               f"{len(q['targets']) - len(met) - len(missed)} not assessable"
-              + ("; missed: " + "; ".join(f"{t['target']} ({t['margin']:+.3f})" for t in missed
+              + ("; missed: " + "; ".join(f"{t['target']}{target_margin(t)}" for t in missed
                                           if "3 h" not in t["target"]) if missed and not quick else "") + ".", ""]
     return lines
 

@@ -147,6 +147,26 @@ PAIR_LABELS = {
 }
 
 
+def target_value(t: dict[str, Any]) -> str:
+    v = t["value"]
+    if isinstance(v, dict):  # a count target: the per-dataset values it counts
+        return ", ".join(f"{k}: {x:+.3f}" for k, x in v.items() if x is not None) or "—"
+    if v is None:
+        return "—"
+    return fmt_seconds(v) if "3 h" in t["target"] else f"{v:.3f}"
+
+
+def target_margin(t: dict[str, Any]) -> str:
+    m = t["margin"]
+    if m is None or t["status"] == "n/a":
+        return ""
+    if "3 h" in t["target"]:
+        return f" ({fmt_seconds(abs(m))} {'to spare' if m >= 0 else 'over'})"
+    if isinstance(t["value"], dict):
+        return f" ({int(m):+d} datasets)"
+    return f" ({m:+.3f})"
+
+
 def paired_cell(pair: dict[str, Any]) -> str:
     """Mean ± std of a paired difference, then its per-seed values (just the value for one seed, — for none)."""
     if len(pair["values"]) < 2:
@@ -206,14 +226,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
     lines += ["## Targets", ""]
     rows = []
     for t in payload["targets"]:
-        v = t["value"]
-        vs = (", ".join(f"{k}: {x:+.3f}" for k, x in v.items() if x is not None) if isinstance(v, dict)
-              else "—" if v is None else fmt_seconds(v) if "3 h" in t["target"] else f"{v:.3f}")
-        rows.append([t["target"], vs, t["status"] + ("" if t["margin"] is None or t["status"] == "n/a" else
-                                                     f" ({t['margin']:+.3f})" if "3 h" not in t["target"]
-                                                     else f" ({fmt_seconds(abs(t['margin']))} "
-                                                     f"{'to spare' if t['margin'] >= 0 else 'over'})"),
-                     t["note"]])
+        rows.append([t["target"], target_value(t), t["status"] + target_margin(t), t["note"]])
     lines += [md_table(["target", "value", "status (margin)", "note"], rows), ""]
     if quick:
         lines += [f"> {QUICK_LABEL}.", ""]
