@@ -20,8 +20,8 @@ row whose median is far below its best is flagged as noisy. Prints a table, then
 every figure, and writes the same JSON plus a Markdown report (machine, versions, command, wall time)
 next to ``--out``.
 
-Targets (project brief): >= 1,000 images/s for 2D masked reconstruction without DP on 2 threads, and
-DP-SGD costing at most 2x a plain step. Verdicts use the best figures.
+Targets: >= 1,000 images/s for 2D masked reconstruction without DP on 2 threads, and
+DP-SGD costing at most 1.6x a plain step (issue 12; 2x before it). Verdicts use the best figures.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from medformer.dp.optimizer import make_dp_sgd
 from medformer.train import TrainingSpec, chunk_backward, make_optimizer
 
 TARGET_2D_MAE_IPS = 1000.0
-TARGET_DP_SLOWDOWN = 2.0
+TARGET_DP_SLOWDOWN = 1.6  # issue 12: a DP-SGD step costs at most 1.6x a plain one
 CASES = (  # name, flag, size, batch
     ("2d-28", "pneumoniamnist", 28, 256),
     ("3d-28", "adrenalmnist3d", 28, 64),
@@ -221,7 +221,7 @@ def table(figures: list[Figure], summary: dict) -> str:
     for k, v in summary["dp_slowdown_best"].items():
         ok = summary["meets_dp_slowdown_target"][k]
         verdict.append(f"- DP-SGD cost {k}: {v:.2f}x best, {summary['dp_slowdown'][k]:.2f}x median "
-                       f"(target <= {TARGET_DP_SLOWDOWN:.0f}x): {'MET' if ok else 'NOT MET'}"
+                       f"(target <= {TARGET_DP_SLOWDOWN:g}x): {'MET' if ok else 'NOT MET'}"
                        + (" (noisy row: rerun on an idle machine)" if summary["noisy_rows"][k] else ""))
     return md_table(header, rows) + "\n\n" + "\n".join(verdict)
 

@@ -128,3 +128,22 @@ def test_paired_cell_shows_seeds_only_when_there_are_several():
     assert paired_cell({**mean_std([0.082]), "values": [0.082]}) == "+0.082"
     two = paired_cell({**mean_std([0.08, 0.04]), "values": [0.08, 0.04]})
     assert two.startswith("+0.060 ± ") and two.endswith("(+0.080, +0.040)"), two
+
+
+def test_throughput_verdict_holds_dp_sgd_to_the_issue_s_1_6x_and_the_report_shows_that_bound():
+    from benchmarks import report, throughput
+
+    def fig(dp: bool, best: float) -> "throughput.Figure":
+        return throughput.Figure("2d-28", "mae", dp, 256, 10, best, best, best, 256 / best)
+
+    slow = throughput.summarise([fig(False, 1000.0), fig(True, 1000.0 / 1.7)])
+    fast = throughput.summarise([fig(False, 1000.0), fig(True, 1000.0 / 1.5)])
+    assert slow["meets_dp_slowdown_target"] == {"2d-28/mae": False}
+    assert fast["meets_dp_slowdown_target"] == {"2d-28/mae": True}
+    figures = [vars(fig(False, 1000.0)), vars(fig(True, 1000.0 / 1.7))]
+    text = "\n".join(report.throughput_section({"figures": figures, "summary": slow, "threads": 2,
+                                                "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
+                                                "load_average_at_end": [0.0],
+                                                "machine": {"cores_usable": 2, "cpu_model": "test CPU", "versions": {
+                                                    "torch": "t", "flwr": "f", "opacus": "o"}}}))
+    assert "≤ 1.6x" in text and "1.70x" in text and "missed" in text
