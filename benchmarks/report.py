@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, REPO, RESULTS, fmt_bytes, fmt_ms, fmt_seconds, md_table,
                                read_json, write_atomic)
-from benchmarks.quality.summary import target_margin
+from benchmarks.quality.summary import cost_table, target_margin
 
 README = REPO / "benchmarks" / "README.md"
 
@@ -68,6 +68,8 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
               "its ClientApp runs) and the server combines the replies with `server.rounds.Aggregator` (what "
               "`KeyedFedAvg` runs); local-only skips the averaging; centralized is `medformer.train.train_pooled`; "
               "probes and fine-tunes are `medformer.eval` (`tests/test_house.py` checks the calls).", ""]
+    if q.get("costs") and not quick:
+        lines += ["What each method costs against what it buys:", ""] + cost_table(q["costs"])
     met = [t for t in q["targets"] if t["status"] == "met"]
     missed = [t for t in q["targets"] if t["status"] == "missed"]
     lines += [f"Targets{' (quick mode: meaningless)' if quick else ''}: {len(met)} met, {len(missed)} missed, "

@@ -147,3 +147,21 @@ def test_throughput_verdict_holds_dp_sgd_to_the_issue_s_1_6x_and_the_report_show
                                                 "machine": {"cores_usable": 2, "cpu_model": "test CPU", "versions": {
                                                     "torch": "t", "flwr": "f", "opacus": "o"}}}))
     assert "≤ 1.6x" in text and "1.70x" in text and "missed" in text
+
+
+def test_method_costs_sum_cpu_minutes_per_seed_and_average_auc_only_over_complete_columns():
+    from benchmarks.quality.summary import cost_table, method_costs, summarize
+
+    def row(method, dataset, seed, seconds, threads, **metrics):
+        return {"method": method, "dataset": dataset, "seed": seed, "seconds": seconds, "threads": threads,
+                "metrics": {k: {"auc": v} for k, v in metrics.items()}}
+
+    rows = [row("random_init", "a", 0, 60, 2, linear_probe=0.6), row("random_init", "b", 0, 60, 2, linear_probe=0.8),
+            row("random_init", "a", 1, 120, 1, linear_probe=0.7), row("random_init", "b", 1, 0, 1, linear_probe=0.9),
+            row("federated", "a", 0, 600, 1, linear_probe=0.9, fine_tune=0.95)]
+    costs = method_costs(rows, summarize(rows, ["a", "b"]), ["a", "b"])
+    assert list(costs) == ["random_init", "federated"]
+    assert costs["random_init"]["cpu_minutes_per_seed"] == pytest.approx((120 + 120 + 120) / 60 / 2)
+    assert costs["random_init"]["mean_auc"] == {"random init + LP": pytest.approx(0.75)}
+    assert costs["federated"]["mean_auc"] == {}  # dataset b has no federated row yet: no mean claimed
+    assert "not every dataset yet" in "\n".join(cost_table(costs))

@@ -46,7 +46,7 @@ from benchmarks.quality.experiment import (METHODS, PRESETS, PRETRAINED, QUICK_L
                                            with_overrides)
 from benchmarks.quality.plan import plan
 from benchmarks.quality.plot import plot_quality
-from benchmarks.quality.summary import evaluate_targets, render_markdown, summarize
+from benchmarks.quality.summary import evaluate_targets, method_costs, render_markdown, summarize
 from config import ScenarioError
 from medformer.data import DataError, resolve_data_dir
 
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "anchors": {d: ANCHORS[d] for d in scored}, "anchor_source": ANCHOR_SOURCE,
         "summary": summary, "rows_file": str(jsonl.relative_to(out)) if jsonl.is_relative_to(out) else str(jsonl),
     }
+    payload["costs"] = method_costs(rows, summary, scored)
     payload["targets"] = evaluate_targets(summary, scored, compute["rows (sum of row wall times)"], complete,
                                           args.quick or args.split == "val")
     payload["plot"] = f"{name}.png"

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.common import ANCHOR_SOURCE, ANCHORS, fmt_ms, fmt_seconds, header_lines, md_table, mean_std
-from benchmarks.quality.experiment import QUICK_LABEL
+from benchmarks.quality.experiment import METHODS, QUICK_LABEL
 
 
 #: The table's columns: name -> (method, evaluation).
@@ -74,6 +74,26 @@ def summarize(rows: list[dict[str, Any]], datasets: Sequence[str]) -> dict[str, 
                            for s in seeds if ("dp_federated", d, s) in by) for d in datasets}
     return {"seeds": seeds, "table": table, "label_efficiency": label_eff, "fractions": fractions + [1.0],
             "pairs": pairs, "dp_epsilon": epsilon}
+
+
+def method_costs(rows: list[dict[str, Any]], summary: dict[str, Any], datasets: Sequence[str]) -> dict[str, Any]:
+    """CPU-minutes per seed of each method (its rows' wall time x torch threads, summed over the datasets)
+    next to its mean AUC over the datasets, per column: what a row costs against what it buys."""
+    costs: dict[str, Any] = {}
+    for method in sorted({r["method"] for r in rows}, key=METHODS.index):
+        mine = [r for r in rows if r["method"] == method]
+        seeds = sorted({r["seed"] for r in mine})
+        minutes = sum(r["seconds"] * r.get("threads", 1) for r in mine) / 60
+        cells = {COLUMN_NAMES[col]: [summary["table"][d][col]["auc"]["mean"] for d in datasets]
+                 for col, (meth, _) in COLUMNS.items() if meth == method}
+        if method == "label_efficiency":
+            cells = {f"{init} init FT, {f:.0%} labels": [summary["label_efficiency"][d][f"{init}@{f:g}"]["mean"]
+                                                          for d in datasets]
+                     for f in summary["fractions"] if f < 1 for init in ("federated", "random")}
+        auc = {name: sum(ms) / len(ms) for name, ms in cells.items() if all(m is not None for m in ms)}
+        costs[method] = {"rows": len(mine), "seeds": seeds, "cpu_minutes_per_seed": minutes / len(seeds),
+                         "mean_auc": auc}
+    return costs
 
 
 def evaluate_targets(s: dict[str, Any], datasets: Sequence[str], compute_seconds: float, complete: bool,
@@ -174,6 +194,18 @@ def paired_cell(pair: dict[str, Any]) -> str:
     return fmt_ms(pair, signed=True) + " (" + ", ".join(f"{v:+.3f}" for v in pair["values"]) + ")"
 
 
+def cost_table(costs: dict[str, Any], where: str = "Test") -> list[str]:
+    """``method_costs`` as Markdown: what each method costs per seed against its mean AUC."""
+    rows = [[m, str(k["rows"]), ", ".join(map(str, k["seeds"])), f"{k['cpu_minutes_per_seed']:,.1f}",
+             "; ".join(f"{n} {a:.3f}" for n, a in k["mean_auc"].items()) or "— (not every dataset yet)"]
+            for m, k in costs.items()]
+    return [md_table(["method", "rows", "seeds", "CPU-minutes per seed (all datasets)",
+                      f"mean {where.lower()} AUC over the datasets"], rows), "",
+            "CPU-minutes = each row's wall time x its torch threads, on this shared machine. A pretraining is "
+            "paid by the first row that needs it and cached for the rest (label efficiency and the federated "
+            "rows share one).", ""]
+
+
 def render_markdown(payload: dict[str, Any]) -> str:
     quick = payload["quick"]
     split = payload.get("split", "test")
@@ -233,4 +265,6 @@ def render_markdown(payload: dict[str, Any]) -> str:
     c = payload["compute"]
     lines += ["## Compute", "", md_table(["part", "wall time"],
                                           [[k, fmt_seconds(v)] for k, v in c.items()]), ""]
+    if payload.get("costs"):
+        lines += [f"### {where} AUC against CPU-minutes", ""] + cost_table(payload["costs"], where)
     return "\n".join(lines)
