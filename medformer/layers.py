@@ -68,18 +68,23 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    ``own_norms=False`` builds it without its two LayerNorms: the caller passes them to ``forward``
+    (a site's own norms around a shared block, ``model.Body``).
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, own_norms: bool = True):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim) if own_norms else None
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim) if own_norms else None
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, norms: tuple[nn.Module, nn.Module] | None = None) -> torch.Tensor:
+        norm1, norm2 = norms if norms is not None else (self.norm1, self.norm2)
+        x = x + self.attn(norm1(x))
+        return x + self.mlp(norm2(x))
 
 
 class CrossBlock(nn.Module):

@@ -51,6 +51,10 @@ class MedformerConfig:
         decoder_dim: width of the masked-reconstruction decoder.
         decoder_depth: blocks in that decoder.
         decoder_heads: attention heads in that decoder.
+        site_norms: every LayerNorm of the body is the dataset's own (``body.site_norms.<dataset>``)
+            and the rest of the body is shared: FedBN's idea (Li et al. 2021) for LayerNorm. Only
+            the site holding a dataset trains and sends its norms, so keyed FedAvg leaves them
+            personal; the attention and MLP weights are averaged over every site.
     """
 
     dim: int = 128
@@ -67,6 +71,7 @@ class MedformerConfig:
     decoder_dim: int = 64
     decoder_depth: int = 1
     decoder_heads: int = 2
+    site_norms: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +80,9 @@ class MedformerConfig:
             if f.name == "stem":
                 if value not in STEMS:
                     problems.append(f"stem={value!r} must be one of {', '.join(STEMS)}")
+            elif f.name == "site_norms":
+                if not isinstance(value, bool):
+                    problems.append(f"site_norms={value!r} must be true or false")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 problems.append(f"{f.name}={value!r} must be a positive number")
         if not problems:
@@ -96,10 +104,16 @@ PRESETS: dict[str, MedformerConfig] = {
     "medformer_tiny_conv49": MedformerConfig(dim=32, depth=1, heads=2, grid_2d=7, stem="conv", stem_width=8,
                                              num_latents=1, adapter_dim=8, num_queries=1, decoder_dim=16,
                                              decoder_depth=1, decoder_heads=2),
+    # Tests of site norms: that tiny conv model with each site's own body LayerNorms.
+    "medformer_tiny_conv49_sitenorm": MedformerConfig(dim=32, depth=1, heads=2, grid_2d=7, stem="conv", stem_width=8,
+                                                      num_latents=1, adapter_dim=8, num_queries=1, decoder_dim=16,
+                                                      decoder_depth=1, decoder_heads=2, site_norms=True),
     # dim 128, depth 4 behind sixteen linearly projected 7x7 patches (64 in 3D): the first default.
     "medformer_small_patch16": MedformerConfig(),
     # The same body behind a conv stem: 49 tokens in 2D, 64 in 3D.
     "medformer_small_conv49": MedformerConfig(grid_2d=7, stem="conv", stem_width=32),
+    # That model with each site's own body LayerNorms (``site_norms``).
+    "medformer_small_conv49_sitenorm": MedformerConfig(grid_2d=7, stem="conv", stem_width=32, site_norms=True),
     # Wider and deeper, 49 linear patches: for machines with more compute.
     "medformer_base_patch49": MedformerConfig(dim=192, depth=6, heads=6, mlp_ratio=4.0, grid_2d=7, num_latents=4,
                                               adapter_dim=48, num_queries=4, decoder_dim=128, decoder_depth=2,
@@ -172,16 +186,40 @@ class InputAdaptformer(nn.Module):
         return self.adapter(self.tokenizer(x.shape[-1])(x))
 
 
-class Body(nn.Module):
-    """Shared transformer: [B, L, dim] -> [B, L, dim] (normalised)."""
+class SiteNorms(nn.Module):
+    """One dataset's LayerNorms of the body: two per block, then the final one."""
 
     def __init__(self, cfg: MedformerConfig):
         super().__init__()
-        self.blocks = nn.Sequential(*[Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.blocks = nn.ModuleList(nn.ModuleList([nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)])
+                                    for _ in range(cfg.depth))
+        self.final = nn.LayerNorm(cfg.dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(x))
+
+class Body(nn.Module):
+    """Shared transformer: [B, L, dim] -> [B, L, dim] (normalised).
+
+    With ``cfg.site_norms`` its LayerNorms are per dataset (``site_norms.<dataset>``, see
+    :class:`MedformerConfig`) and ``forward`` needs the dataset.
+    """
+
+    def __init__(self, cfg: MedformerConfig, datasets: Sequence[str] = ()):
+        super().__init__()
+        own = not cfg.site_norms
+        self.blocks = nn.Sequential(*[Block(cfg.dim, cfg.heads, cfg.mlp_ratio, own_norms=own)
+                                      for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim) if own else None
+        self.site_norms = None if own else nn.ModuleDict({d: SiteNorms(cfg) for d in datasets})
+
+    def forward(self, x: torch.Tensor, dataset: str | None = None) -> torch.Tensor:
+        if self.site_norms is None:
+            return self.norm(self.blocks(x))
+        if dataset not in self.site_norms:
+            raise KeyError(f"no body norms for dataset {dataset!r}; this body has {sorted(self.site_norms)}")
+        norms = self.site_norms[dataset]
+        for block, pair in zip(self.blocks, norms.blocks):
+            x = block(x, (pair[0], pair[1]))
+        return norms.final(x)
 
 
 class TaskHead(nn.Module):
@@ -239,7 +277,7 @@ class Medformer(nn.Module):
     # ---- Body -----------------------------------------------------------------------------------
     def encode_tokens(self, tokens: torch.Tensor, dataset: str) -> torch.Tensor:
         """Patch tokens (all or a visible subset) -> body output with latents first: [B, T + N, dim]."""
-        return self.body(self.latents[dataset](tokens))
+        return self.body(self.latents[dataset](tokens), dataset)
 
     def forward_features(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
         """Image -> body tokens [B, T + N, dim] (T = num_latents, first)."""
@@ -284,6 +322,8 @@ class Medformer(nn.Module):
         heads, encoder = [], []
         for name, p in self.named_parameters():
             on_path = name.startswith(head_prefix) or name.startswith(path)
+            if name.startswith("body.site_norms."):  # only this dataset's own norms are on its path
+                on_path = name.startswith(f"body.site_norms.{dataset}.")
             p.requires_grad_(on_path)
             if on_path:
                 (heads if name.startswith(head_prefix) else encoder).append(p)
@@ -295,8 +335,11 @@ class Medformer(nn.Module):
 
 
 def scope_of(key: str) -> str:
-    """Sharing scope of a parameter name: 'body', 'inputs.<kind>', 'latents.<dataset>' or 'outputs.<task>'."""
+    """Sharing scope of a parameter name: 'body', 'inputs.<kind>', 'latents.<dataset>' or 'outputs.<task>';
+    a site's own body norms (``site_norms``) are 'body.site_norms.<dataset>'."""
     parts = key.split(".")
+    if parts[:2] == ["body", "site_norms"]:
+        return ".".join(parts[:3])
     return parts[0] if parts[0] == "body" else ".".join(parts[:2])
 
 
@@ -322,7 +365,7 @@ def build_medformer(cfg: MedformerConfig, datasets: Iterable[DatasetRef], *, dow
         sizes_by_kind.setdefault(kind, []).append(size)
     inputs = nn.ModuleDict({k: InputAdaptformer(k, s, cfg) for k, s in sizes_by_kind.items()})
     latents = nn.ModuleDict({f: Prepend(cfg.num_latents, cfg.dim) for f in infos})
-    body = Body(cfg)
+    body = Body(cfg, list(infos))
     outputs: dict[str, nn.Module] = {}
     if downstream_heads:
         outputs.update({f: TaskHead(cfg, info.num_outputs) for f, info in infos.items()})

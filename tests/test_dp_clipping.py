@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 CASES = [("breastmnist", "tiny"), ("retinamnist", "tiny"), ("adrenalmnist3d", "tiny"),
          ("breastmnist", "medformer_tiny_conv49"), ("retinamnist", "medformer_tiny_conv49"),
          ("adrenalmnist3d", "medformer_tiny_conv49"),
+         ("breastmnist", "medformer_tiny_conv49_sitenorm"), ("adrenalmnist3d", "medformer_tiny_conv49_sitenorm"),
          ("breastmnist", "medformer_small_patch16"), ("breastmnist", "default"), ("adrenalmnist3d", "default")]
 OBJECTIVES = {"mae": {"mae": 1.0}, "rotation": {"rotation": 1.0}, "mae+rotation": {"mae": 1.0, "rotation": 1.0}}
 B = 6
@@ -203,7 +204,10 @@ def _dp_step(model, objective, x, noise, labels, flag, *, clipping: str, clip: f
     return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
 
 
-@pytest.mark.parametrize(("flag", "preset"), CASES[:3], ids=_ids(CASES[:3]))
+DP_STEP_CASES = CASES[:3] + [("breastmnist", "medformer_tiny_conv49_sitenorm")]
+
+
+@pytest.mark.parametrize(("flag", "preset"), DP_STEP_CASES, ids=_ids(DP_STEP_CASES))
 def test_ghost_dp_step_equals_opacus_hooks_step(flag: str, preset: str) -> None:
     """Noise 0: the same update; chunked (2 + 2 + 2) as whole; with noise: the same noise draws."""
     objective = PretextObjective(OBJECTIVES["mae+rotation"])
