@@ -215,13 +215,13 @@ def _ghost(layer: nn.Module, views: list[tuple[torch.Tensor, torch.Tensor]], bat
     per_sample = None  # [B, dout, din] when formed: its clipped sum is then a matvec, not a matmul
     if has_weight:
         if _form_per_sample(batch, tokens, din, dout):
-            per_sample = torch.bmm(g.mT, a)
-            sq = per_sample.square().sum((1, 2))
+            per_sample = torch.bmm(g.mT, a)  # one bmm over all uses: per-use bmms ran slower
+            sq = _sq_norms(per_sample)
         else:
             sq = (torch.bmm(a, a.mT) * torch.bmm(g, g.mT)).sum((1, 2)).clamp(min=0)
     bias_per_sample = g.sum(1) if has_bias else None  # [B, dout]
     if has_bias:
-        sq = sq + bias_per_sample.square().sum(1)
+        sq = sq + _sq_norms(bias_per_sample)
 
     def clipped_sums(factor: torch.Tensor) -> Grads:
         out = {}
@@ -234,6 +234,12 @@ def _ghost(layer: nn.Module, views: list[tuple[torch.Tensor, torch.Tensor]], bat
         return out
 
     return _Contribution(sq, clipped_sums)
+
+
+def _sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
+    """Each sample's squared norm [B] of per-sample tensors [B, ...], in one pass (no squared copy)."""
+    flat = per_sample.reshape(per_sample.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1).square()
 
 
 def _form_per_sample(batch: int, tokens: int, din: int, dout: int) -> bool:
@@ -255,7 +261,7 @@ def _materialised(layer: nn.Module, uses: list[_Use], batch: int, trainable: set
         for p, gs in sampler(layer, u.inputs, u.grad).items():
             if p in trainable:
                 per_sample[p] = per_sample[p] + gs if p in per_sample else gs
-    sq = sum(gs.reshape(batch, -1).square().sum(1) for gs in per_sample.values())
+    sq = sum(_sq_norms(gs) for gs in per_sample.values())
 
     def clipped_sums(factor: torch.Tensor) -> Grads:
         return {p: factor @ gs.reshape(batch, -1) for p, gs in per_sample.items()}
