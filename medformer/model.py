@@ -45,6 +45,9 @@ class MedformerConfig:
         stem: the tokenizer of every input kind: ``patch`` (one linear projection per patch) or
             ``conv`` (3x3 convolutions with GroupNorm down to the grid: ``layers.ConvStem``).
         stem_width: channels of the conv stem's first stage (2D; 3D stems start at half).
+        stem_3d_full_res: 3D conv stems start with a stride-1 stage at full resolution, as 2D ones
+            always do (``layers.ConvStem``); without it their first conv halves the volume, which
+            keeps them cheap but loses structures a voxel or two wide (vessels).
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
         num_queries: query tokens per downstream task head.
@@ -65,6 +68,7 @@ class MedformerConfig:
     grid_3d: int = 4
     stem: str = "patch"
     stem_width: int = 32
+    stem_3d_full_res: bool = False
     num_latents: int = 2
     adapter_dim: int = 32
     num_queries: int = 2
@@ -80,9 +84,9 @@ class MedformerConfig:
             if f.name == "stem":
                 if value not in STEMS:
                     problems.append(f"stem={value!r} must be one of {', '.join(STEMS)}")
-            elif f.name == "site_norms":
+            elif f.name in ("site_norms", "stem_3d_full_res"):
                 if not isinstance(value, bool):
-                    problems.append(f"site_norms={value!r} must be true or false")
+                    problems.append(f"{f.name}={value!r} must be true or false")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 problems.append(f"{f.name}={value!r} must be a positive number")
         if not problems:
@@ -114,6 +118,12 @@ PRESETS: dict[str, MedformerConfig] = {
     "medformer_small_conv49": MedformerConfig(grid_2d=7, stem="conv", stem_width=32),
     # That model with each site's own body LayerNorms (``site_norms``).
     "medformer_small_conv49_sitenorm": MedformerConfig(grid_2d=7, stem="conv", stem_width=32, site_norms=True),
+    # The conv model with a full-resolution first stage in 3D too (``stem_3d_full_res``).
+    "medformer_small_conv49_fr3d": MedformerConfig(grid_2d=7, stem="conv", stem_width=32, stem_3d_full_res=True),
+    # Tests of that stem: the tiny conv model with it.
+    "medformer_tiny_conv49_fr3d": MedformerConfig(dim=32, depth=1, heads=2, grid_2d=7, stem="conv", stem_width=8,
+                                                  stem_3d_full_res=True, num_latents=1, adapter_dim=8,
+                                                  num_queries=1, decoder_dim=16, decoder_depth=1, decoder_heads=2),
     # Wider and deeper, 49 linear patches: for machines with more compute.
     "medformer_base_patch49": MedformerConfig(dim=192, depth=6, heads=6, mlp_ratio=4.0, grid_2d=7, num_latents=4,
                                               adapter_dim=48, num_queries=4, decoder_dim=128, decoder_depth=2,
@@ -170,7 +180,8 @@ class InputAdaptformer(nn.Module):
         def tokenizer(size: int) -> nn.Module:
             if cfg.stem == "conv":
                 return ConvStem(ndim=ndim, in_channels=channels, img_size=size, grid=grid, dim=cfg.dim,
-                                width=cfg.stem_width if ndim == 2 else max(1, cfg.stem_width // 2))
+                                width=cfg.stem_width if ndim == 2 else max(1, cfg.stem_width // 2),
+                                full_res=ndim == 2 or cfg.stem_3d_full_res)
             return PatchEmbed(ndim=ndim, in_channels=channels, img_size=size, grid=grid, dim=cfg.dim)
 
         self.tokenizers = nn.ModuleDict({str(s): tokenizer(s) for s in sorted(set(sizes))})

@@ -60,8 +60,9 @@ def _ids(cases):
 # --------------------------------------------------------------------------------------------------
 # Forward / backward over every input kind and size
 # --------------------------------------------------------------------------------------------------
-#: Every tokenizer kind: linear patches (``tiny``) and the conv stem.
-STEMS = ["tiny", "medformer_tiny_conv49"]
+#: Every tokenizer kind: linear patches (``tiny``), the conv stem, and the conv stem with a
+#: full-resolution first stage in 3D.
+STEMS = ["tiny", "medformer_tiny_conv49", "medformer_tiny_conv49_fr3d"]
 
 
 @pytest.mark.parametrize("preset", STEMS)
@@ -276,6 +277,21 @@ def test_make_config_presets_and_overrides() -> None:
         make_config("huge")
     with pytest.raises(ValueError, match=r"unknown model field\(s\) wdth, width; valid: dim, depth"):
         make_config("tiny", wdth=3, width=4)
+
+
+def test_full_resolution_3d_stem_keeps_the_token_grid() -> None:
+    """``stem_3d_full_res`` adds a stride-1 stage before the 3D stem's first halving, as in 2D; the
+    grid (what masked reconstruction masks) and the 2D stem stay as they were."""
+    plain = build_medformer(make_config("medformer_tiny_conv49"), ["adrenalmnist3d", "breastmnist"])
+    full = build_medformer(make_config("medformer_tiny_conv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
+    strides = {name: [c.stride[0] for c in m.inputs["3d-1ch"].tokenizer(28).convs if isinstance(c, nn.Conv3d)]
+               for name, m in (("plain", plain), ("full", full))}
+    assert strides == {"plain": [2, 2, 2], "full": [1, 2, 2, 2]}
+    assert full.tokenizer("adrenalmnist3d", 28).num_tokens == plain.tokenizer("adrenalmnist3d", 28).num_tokens == 64
+    two_d = [{k: v.shape for k, v in m.inputs["2d-1ch"].state_dict().items()} for m in (plain, full)]
+    assert two_d[0] == two_d[1]
+    with pytest.raises(ValueError, match="stem_3d_full_res=1 must be true or false"):
+        make_config("medformer_tiny_conv49", stem_3d_full_res=1)
 
 
 def test_config_rejects_heads_not_dividing_dim_and_non_positive_values() -> None:
