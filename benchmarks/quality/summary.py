@@ -225,7 +225,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
     st = payload["settings"]
     fed = st["federation"]
     lines += [f"Model `{st['model']['preset']}` (dim {st['model']['dim']}, depth {st['model']['depth']}, "
-              f"{st['model'].get('stem', 'patch')} stem), pretext {st['pretext']}, {fed['rounds']} rounds x "
+              f"{st['model'].get('stem', 'patch')} stem"
+              + (", full resolution in 3D" if st["model"].get("stem_3d_full_res") else "")
+              + f"), pretext {st['pretext']}, {fed['rounds']} rounds x "
               + (f"{fed['local_steps']} local steps" if fed["local_steps"] else f"{fed['local_epochs']:g} local epoch(s)")
               + f" (batch {fed['batch_size']}, lr {fed['lr']:g}); DP row: pretext {st['dp']['pretext']}, "
               f"{st['dp']['privacy']}; fine-tune >= {st['fine_tune_epochs']} epochs and "
