@@ -45,6 +45,11 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
               f"{q['rows_done']} of {q['rows_expected']} rows"
               + ("" if q["complete"] else " (**incomplete**)") + f"; {_machine(q['machine'])}; "
               f"details in [results/quality-{q['preset']}.md](results/quality-{q['preset']}.md).", ""]
+    earlier = sorted(results.glob("*/quality-full.md"))  # full benchmarks of earlier configurations, kept whole
+    if earlier and not quick:
+        lines += ["Full benchmarks of earlier configurations: "
+                  + ", ".join(f"[{p.parent.name}](results/{p.parent.name}/{p.name})" for p in earlier)
+                  + " (each folder's README says what changed).", ""]
     if q.get("plot") and (results / q["plot"]).exists():
         lines += [f"![Test AUC per method and dataset](results/{q['plot']})", ""]
     cols = [("random_init", "random init + LP"), ("local_only", "local-only SSL + LP"),

@@ -185,14 +185,17 @@ class Experiment:
         self.fingerprint = self._fingerprint()
         # Pretrainings do not depend on the split or the fine-tune recipe: selection and test runs share them.
         self.pretrain_fingerprint = hashlib.sha256(json.dumps(
-            {"datasets": self.datasets, "scenario": self.scenario.to_dict(), "dp": self.dp_scenario.to_dict()},
+            {"datasets": self.datasets, "scenario": self.scenario.to_dict(), "dp": self.dp_scenario.to_dict(),
+             "model": dataclasses.asdict(self.cfg)},
             sort_keys=True).encode()).hexdigest()[:12]
         self._splits: dict[str, dict[str, MedMNISTSplit]] = {}
         self._pretrained: dict[tuple[str, int], Pretrained] = {}
 
     def _fingerprint(self) -> str:
+        # The resolved architecture too: a preset name (``default``) may come to mean another model.
         blob = json.dumps({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets, "split": self.split,
-                           "scenario": self.scenario.to_dict()}, sort_keys=True)
+                           "scenario": self.scenario.to_dict(), "model": dataclasses.asdict(self.cfg)},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def describe(self) -> dict[str, Any]:
