@@ -46,7 +46,7 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
               + ("" if q["complete"] else " (**incomplete**)") + f"; {_machine(q['machine'])}; "
               f"details in [results/quality-{q['preset']}.md](results/quality-{q['preset']}.md).", ""]
     earlier = sorted(results.glob("*/quality-full.md"))  # full benchmarks of earlier configurations, kept whole
-    if earlier and not quick:
+    if earlier:
         lines += ["Full benchmarks of earlier configurations: "
                   + ", ".join(f"[{p.parent.name}](results/{p.parent.name}/{p.name})" for p in earlier)
                   + " (each folder's README says what changed).", ""]

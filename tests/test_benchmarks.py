@@ -97,7 +97,29 @@ def test_quality_quick_writes_every_row_and_resumes(tmp_path, real_data_dir):
 
     from benchmarks import report
     text = report.build(out)
-    assert "QUICK MODE" in text and "breastmnist" in text
+    assert "QUICK MODE" in text and "breastmnist" in text and "earlier configurations" not in text
+    (out / "conv-old").mkdir()  # an earlier configuration's full benchmark, kept whole
+    (out / "conv-old" / "quality-full.md").write_text("# Learning quality\n")
+    assert "[conv-old](results/conv-old/quality-full.md)" in report.build(out)
+
+
+def test_fingerprints_follow_the_resolved_architecture_not_the_preset_name(tmp_path, monkeypatch):
+    """Rows of one architecture are never counted for another that the same preset name came to mean."""
+    import dataclasses
+
+    from benchmarks.quality.experiment import PRESETS, Experiment
+    from medformer import model
+
+    def experiment():
+        return Experiment("full", PRESETS["full"], ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
+
+    before = experiment()
+    name = before.scenario.model.preset
+    monkeypatch.setitem(model.PRESETS, name, dataclasses.replace(model.PRESETS[name], depth=2))
+    after = experiment()
+    assert after.scenario.to_dict() == before.scenario.to_dict()
+    assert after.fingerprint != before.fingerprint
+    assert after.pretrain_fingerprint != before.pretrain_fingerprint
 
 
 def test_quality_evaluate_scores_a_subset_of_a_federation_of_all(tmp_path, real_data_dir):
