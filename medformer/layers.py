@@ -164,14 +164,14 @@ class ConvStem(nn.Module):
     the token grid, then LayerNorm and positions ("early convolutions help transformers see better",
     Xiao et al. 2021). A stride-1 stage of ``width`` channels at full resolution (``full_res``), then
     stride-2 stages doubling it, the last one of ``dim``. Without ``full_res`` the first conv already
-    halves the resolution (cheaper: the default for 3D, whose volumes are 27x larger).
+    halves the resolution (cheaper: ``MedformerConfig``'s default for 3D, whose volumes are 27x larger).
 
     2D: [B, C, H, W] -> [B, grid^2, dim];  3D: [B, C, D, H, W] -> [B, grid^3, dim]. Token i covers the
     ``patch``-sided cell i of the grid (what masked reconstruction masks and predicts).
     """
 
     def __init__(self, *, ndim: int, in_channels: int, img_size: int, grid: int, dim: int, width: int,
-                 full_res: bool | None = None):
+                 full_res: bool):
         super().__init__()
         downs = max(1, round(math.log2(img_size / grid)))
         self.ndim, self.in_channels, self.img_size = ndim, in_channels, img_size
@@ -183,7 +183,6 @@ class ConvStem(nn.Module):
                              f"divide; choose a grid such as {[img_size // 2**k for k in range(1, 5) if img_size % 2**k == 0]}")
         self.grid, self.patch = side, img_size // side
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
-        full_res = ndim == 2 if full_res is None else full_res
         stages = [(width, 1)] if full_res else []
         stages += [(width * 2 ** (i + full_res), 2) for i in range(downs - 1)] + [(dim, 2)]
         layers: list[nn.Module] = []
