@@ -1,6 +1,7 @@
-"""Training throughput of the default Medformer's pretext step, plain and under DP-SGD.
+"""Training throughput of a Medformer preset's pretext step, plain and under DP-SGD.
 
-Measures images/s of one local training step (forward, backward, AdamW step) of the DEFAULT preset on
+Measures images/s of one local training step (forward, backward, AdamW step) of a model preset
+(``--model``, default ``default``) on
 2D 28x28 batches (256) and 3D 28^3 batches (64), for masked reconstruction alone and masked
 reconstruction + rotation, without DP and with DP-SGD (train_local's own pieces, noise multiplier 1.0,
 clip 1.0), and the cost of DP as a ratio of step times. DP-SGD clips per-sample gradients the way
@@ -9,7 +10,7 @@ layers, medformer.dp_clipping); ``--dp-clipping hooks`` measures Opacus's GradSa
 
 Usage::
 
-    python -m benchmarks.throughput [--quick] [--out benchmarks/results/throughput.json]
+    python -m benchmarks.throughput [--quick] [--out benchmarks/results/throughput.json] [--model default]
                                     [--threads 2] [--dp-clipping ghost|hooks] [--max-physical-batch N]
 
 Batches are random but realistic (smooth structures on an exact black background, like the real
@@ -111,11 +112,11 @@ class StepRunner:
     """One configuration's model, objective and optimizer; ``step(x)`` times one training step."""
 
     def __init__(self, flag: str, size: int, weights: dict[str, float], *, dp: bool, batch: int,
-                 physical: int = 0, clipping: str = "ghost", seed: int = 0):
+                 physical: int = 0, clipping: str = "ghost", seed: int = 0, preset: str = "default"):
         torch.manual_seed(seed)
         self.flag, self.dp = flag, dp
         self.objective = PretextObjective(weights)
-        self.model = build_pretext_model(make_config("default"), [(flag, size)], self.objective)
+        self.model = build_pretext_model(make_config(preset), [(flag, size)], self.objective)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, TrainingSpec(optimizer="adamw", lr=1e-3))
@@ -148,10 +149,12 @@ class StepRunner:
 
 
 def time_pair(flag: str, size: int, batches: list[torch.Tensor], weights: dict[str, float], *,
-              warmup: int, steps: int, physical: int = 0, clipping: str = "ghost") -> dict[bool, list[float]]:
+              warmup: int, steps: int, physical: int = 0, clipping: str = "ghost",
+              preset: str = "default") -> dict[bool, list[float]]:
     """Step times without and with DP-SGD, interleaved step by step so both see the same load."""
     batch = batches[0].shape[0]
-    runners = {dp: StepRunner(flag, size, weights, dp=dp, batch=batch, physical=physical, clipping=clipping)
+    runners = {dp: StepRunner(flag, size, weights, dp=dp, batch=batch, physical=physical, clipping=clipping,
+                              preset=preset)
                for dp in (False, True)}
     times: dict[bool, list[float]] = {False: [], True: []}
     try:
@@ -236,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few steps (a smoke run, noisy figures)")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"),
                         help="JSON output; the Markdown report goes next to it (.md)")
+    parser.add_argument("--model", default="default", help="model preset (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the machines' cores)")
     parser.add_argument("--dp-clipping", choices=DP_CLIPPING, default=TrainingSpec().dp_clipping,
                         help="DP-SGD per-sample clipping: ghost (train_local's default) or hooks (Opacus "
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     wall = time.perf_counter()
     figures: list[Figure] = []
-    print(f"Medformer default preset, {args.threads} threads, {source}, {warmup} warmup + {steps} timed steps "
+    make_config(args.model)  # an unknown preset fails here, before any timing
+    print(f"Medformer preset {args.model}, {args.threads} threads, {source}, {warmup} warmup + {steps} timed steps "
           f"(plain and DP-SGD interleaved), DP-SGD clipping {args.dp_clipping}, physical batch "
           f"{_physical(args.max_physical_batch)}; "
           f"load average {machine['load_average_at_start']}", flush=True)
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                    else realistic_batches(flag, size, batch, 4))
         for obj_name, weights in OBJECTIVES.items():
             times = time_pair(flag, size, batches, weights, warmup=warmup, steps=steps,
-                              physical=args.max_physical_batch, clipping=args.dp_clipping)
+                              physical=args.max_physical_batch, clipping=args.dp_clipping, preset=args.model)
             for dp, ts in times.items():
                 med = statistics.median(ts)
                 fig = Figure(case, obj_name, dp, batch, steps, round(batch / med, 1), round(batch / min(ts), 1),
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarise(figures)
     payload = {
-        "benchmark": "throughput", "preset": "default", "source": source, "quick": args.quick,
+        "benchmark": "throughput", "preset": args.model, "source": source, "quick": args.quick,
         "threads": args.threads, "batch_sizes": {c: b for c, _, _, b in CASES},
         "dp": {"noise_multiplier": DP_NOISE, "max_grad_norm": DP_CLIP, "clipping": args.dp_clipping,
                "max_physical_batch": args.max_physical_batch or None},
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Medformer training throughput" + (" (QUICK MODE: a smoke run, not for the numbers)" * args.quick),
         "", *header_lines(payload),
         f"- torch threads: {args.threads}; load average at end {payload['load_average_at_end']}",
-        f"- data: {source}; model preset `default`; AdamW; DP-SGD with {args.dp_clipping} clipping "
+        f"- data: {source}; model preset `{args.model}`; AdamW; DP-SGD with {args.dp_clipping} clipping "
         f"({CLIPPING_NOTE[args.dp_clipping]}), noise {DP_NOISE}, clip {DP_CLIP}, physical batch "
         f"{_physical(args.max_physical_batch)}",
         f"- timing: {warmup} warmup + {steps} timed steps per row, plain and DP-SGD steps interleaved; "

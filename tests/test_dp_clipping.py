@@ -177,6 +177,36 @@ def test_ghost_overlapping_conv_and_plain_linear() -> None:
     _assert_ghost_matches_reference(model, lambda m, part: m(x[part]).squeeze(1) ** 2, B)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv3d(1, 4, 3, padding=1, bias=False),             # a full-resolution 3D stem stage
+    nn.Conv3d(3, 4, 3, stride=2, padding=1),               # strided, with a bias
+    nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),     # grouped
+    nn.Conv2d(2, 3, 3, padding=2, dilation=2),             # dilated
+    nn.Conv1d(3, 2, 5, padding=(1,)),
+], ids=["3d", "3d-strided-bias", "2d-grouped", "2d-dilated", "1d"])
+def test_grouped_per_sample_conv_gradients_equal_opacus_unfold(conv: nn.Module) -> None:
+    """The batch-folded grouped convolution gives each sample's weight and bias gradient exactly as
+    Opacus's unfold does, and the clipper takes that path for a conv with many output positions."""
+    from opacus import GradSampleModule
+
+    from medformer.dp.clipping import _conv_per_sample, _grouped_conv_wins, _Use
+
+    torch.manual_seed(0)
+    conv = conv.to(torch.float64)
+    side = {1: 40, 2: 16, 3: 8}[conv.weight.dim() - 2]
+    x = torch.randn(B, conv.in_channels, *(side,) * (conv.weight.dim() - 2), dtype=torch.float64)
+    grad = torch.randn_like(conv(x))
+    got = _conv_per_sample(conv, [x], grad)
+    ref = GradSampleModule.GRAD_SAMPLERS[type(conv)](conv, [x], grad)
+    assert set(got) == set(ref)
+    for param, per_sample in ref.items():
+        torch.testing.assert_close(got[param], per_sample)
+    full_res_stage = nn.Conv3d(1, 16, 3, padding=1)
+    use = _Use([torch.zeros(1, 1, 28, 28, 28)], torch.zeros(1, 16, 28, 28, 28))
+    assert _grouped_conv_wins(full_res_stage, use)
+    assert not _grouped_conv_wins(nn.Conv2d(1, 32, 3, padding=1), _Use([], torch.zeros(1, 32, 28, 28)))
+
+
 def _dp_step(model, objective, x, noise, labels, flag, *, clipping: str, clip: float, sigma: float,
              chunk: int | None = None, noise_seed: int = 0) -> torch.Tensor:
     """One DP-SGD step (SGD, lr 1) built from make_dp_sgd, in chunks; returns the weight change."""

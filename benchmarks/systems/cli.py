@@ -5,8 +5,8 @@
 
 Parts (each rewrites only its own section of ``results/systems.json``):
 
-  flops     the default model's pretext step (masked reconstruction + rotation, batch 128) in 2D and 3D:
-            images/s and FLOP/s (matmul/conv FLOPs counted by torch.utils.flop_counter, forward +
+  flops     a model preset's pretext step (``--flops-model``; masked reconstruction + rotation, batch
+            128) in 2D and 3D: images/s and FLOP/s (matmul/conv FLOPs counted by torch.utils.flop_counter, forward +
             backward) as a fraction of this CPU's fp32 matmul peak, measured in the same run
   overhead  seconds per round of ``medfl run`` quickstart (Flower simulation, read from
             metrics.jsonl) against the same local training as bare PyTorch loops over the same data,
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="MedMNIST folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (default: %(default)s)")
+    p.add_argument("--flops-model", default="default", help="model preset of the flops part (default: %(default)s)")
     p.add_argument("--flops-threads", default="1,2", help="thread counts of the flops part (default: %(default)s)")
     p.add_argument("--overhead-rounds", type=int, default=4, help="rounds of the overhead runs (default: %(default)s)")
     p.add_argument("--overhead-steps", type=int, default=8,
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             before = load_average()
             log.info("part %s ...", part)
             if part == "flops":
-                res = part_flops(data_dir, threads=[int(t) for t in args.flops_threads.split(",")])
+                res = part_flops(data_dir, threads=[int(t) for t in args.flops_threads.split(",")],
+                                 preset=args.flops_model)
             elif part == "overhead":
                 res = part_overhead(data_dir, work, rounds=args.overhead_rounds, local_steps=args.overhead_steps,
                                     preset=args.overhead_model, seq_threads=args.overhead_seq_threads,

@@ -1,4 +1,4 @@
-"""The ``flops`` part: the default model's pretext step in 2D and 3D, images/s and FLOP/s against this
+"""The ``flops`` part: a model preset's pretext step in 2D and 3D, images/s and FLOP/s against this
 CPU's fp32 matmul peak, measured in the same interleaved trials."""
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ log = logging.getLogger("benchmarks.systems")
 
 
 
-def part_flops(data_dir: str, *, threads: Sequence[int], trials: int = 15, batch: int = 128) -> dict[str, Any]:
+def part_flops(data_dir: str, *, threads: Sequence[int], trials: int = 15, batch: int = 128,
+               preset: str = "default") -> dict[str, Any]:
     """:func:`flops_at` for each thread count (1 thread is the number a busy shared CPU can reproduce)."""
-    runs = {str(t): flops_at(data_dir, threads=t, trials=trials, batch=batch) for t in threads}
+    runs = {str(t): flops_at(data_dir, threads=t, trials=trials, batch=batch, preset=preset) for t in threads}
     first = next(iter(runs.values()))
     return {k: first[k] for k in ("model", "pretext", "batch", "trials", "flop_counting")} | {"by_threads": runs}
 
 
-def flops_at(data_dir: str, *, threads: int, trials: int = 15, batch: int = 128) -> dict[str, Any]:
-    """Images/s and FLOP/s of the default model's pretext training step, against the matmul peak.
+def flops_at(data_dir: str, *, threads: int, trials: int = 15, batch: int = 128,
+             preset: str = "default") -> dict[str, Any]:
+    """Images/s and FLOP/s of a model preset's pretext training step, against the matmul peak.
 
     On a shared CPU single timings swing by an order of magnitude, so the matmul peak and the 2D and
     3D steps are timed in interleaved trials: the best of each is the least-disturbed estimate (both
@@ -38,7 +40,7 @@ def flops_at(data_dir: str, *, threads: int, trials: int = 15, batch: int = 128)
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # as medformer.train.train_local
-    cfg = make_config("default")
+    cfg = make_config(preset)
     objective = PretextObjective({"mae": 1.0, "rotation": 0.5}, mask_ratio=0.75)
     cases: dict[str, dict[str, Any]] = {}
     steps = {}
@@ -87,7 +89,7 @@ def flops_at(data_dir: str, *, threads: int, trials: int = 15, batch: int = 128)
         log.info("flops %s: best %.0f img/s, %.1f GFLOP/s = %.0f%% of peak; median %.0f img/s (%.0f%%); "
                  "%.1f MFLOP/image", label, batch / best, flops / best / 1e9, 100 * c["fraction_of_peak_best"],
                  batch / median, 100 * c["fraction_of_peak_median"], flops / batch / 1e6)
-    return {"model": "default", "pretext": {"mae": 1.0, "rotation": 0.5}, "batch": batch, "threads": threads,
+    return {"model": preset, "pretext": {"mae": 1.0, "rotation": 0.5}, "batch": batch, "threads": threads,
             "trials": trials, "cases": cases,
             "matmul_peak": {"gflops": peak_best, "gflops_median": peak_median, "n": n,
                             "times": [round(t, 4) for t in peak_times],

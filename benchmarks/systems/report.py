@@ -27,7 +27,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
     p = payload["parts"]
     if "flops" in p:
         f = p["flops"]
-        lines += ["## Compute efficiency of the default model's pretext step", "", _provenance(f), "",
+        lines += [f"## Compute efficiency of the pretext step (model `{f['model']}`)", "", _provenance(f), "",
                   f"Masked reconstruction + rotation, batch {f['batch']}; per thread count, {f['trials']} interleaved "
                   "trials of (fp32 2048^3 torch.matmul, 2D step, 3D step): the matmul peak is measured in the same "
                   "run, under the same load.", ""]
