@@ -30,6 +30,16 @@ def _machine(m: dict[str, Any]) -> str:
             f"opacus {v['opacus']}")
 
 
+def _machines_by_part(sy: dict[str, Any]) -> str:
+    """The machine of each systems part (parts are rerun one at a time, possibly on another box)."""
+    parts: dict[str, list[str]] = {}
+    for name, part in sy["parts"].items():
+        parts.setdefault(_machine(part.get("machine", sy["machine"])), []).append(name)
+    if len(parts) == 1:
+        return next(iter(parts))
+    return "; ".join(f"{', '.join(names)}: {m}" for m, names in parts.items())
+
+
 def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
     if q is None:
         return ["## Learning quality", "", f"No result yet: run `{QUICK_COMMAND}` (minutes) or the full benchmark "
@@ -134,7 +144,7 @@ def systems_section(sy: dict[str, Any] | None) -> list[str]:
                      f"({fmt_bytes(c['whole_model_bytes'])})", per + f"; {c['round_saving']:.0%} less in total",
                      "—", "—"])
     lines += [md_table(["measure", "result", "target", "load average"], rows), "",
-              f"Measured on {_machine(sy['machine'])}, a CPU shared with other jobs: the load-average column says how "
+              f"Measured on {_machines_by_part(sy)}, a CPU shared with other jobs: the load-average column says how "
               "busy it was (2.0 = both cores fully used by someone). Details: [results/systems.md](results/systems.md).",
               ""]
     return lines
