@@ -17,9 +17,9 @@ forward pass concatenated along T) has the per-sample weight gradient g_i^T a_i,
 A conv whose kernel tiles its input (kernel = stride, no padding: the patch tokenizers) is the same
 Linear layer applied to the patches. Other convs (the conv stems' 3x3 stages) form their per-sample
 weight gradients as one grouped convolution over the batch (:func:`_conv_per_sample`) where their
-output has many positions, since Opacus's unfold copies each sample's input 3^d times. The other layers (LayerNorm, raw parameters such as positions and
-tokens) are small: their per-sample gradients come from Opacus's grad samplers, or its functorch
-fallback. Autograd computes no parameter gradient at all: every parameter is frozen while the forward
+output has many positions, since Opacus's unfold copies each sample's input 3^d times. The other
+layers (LayerNorm, raw parameters such as positions and tokens) are small: their per-sample gradients
+come from Opacus's grad samplers, or its functorch fallback. Autograd computes no parameter gradient at all: every parameter is frozen while the forward
 pass is recorded, so the backward pass carries only the activations' gradients the clipper reads.
 
 The result equals Opacus's GradSampleModule + DPOptimizer clipping to float tolerance; use it with
