@@ -19,8 +19,9 @@ Linear layer applied to the patches. Other convs (the conv stems' 3x3 stages) fo
 weight gradients as one grouped convolution over the batch (:func:`_conv_per_sample`) where their
 output has many positions, since Opacus's unfold copies each sample's input 3^d times. The other
 layers (LayerNorm, raw parameters such as positions and tokens) are small: their per-sample gradients
-come from Opacus's grad samplers, or its functorch fallback. Autograd computes no parameter gradient at all: every parameter is frozen while the forward
-pass is recorded, so the backward pass carries only the activations' gradients the clipper reads.
+come from Opacus's grad samplers, or its functorch fallback. Autograd computes no parameter gradient
+at all: every parameter is frozen while the forward pass is recorded, so the backward pass carries
+only the activations' gradients the clipper reads.
 
 The result equals Opacus's GradSampleModule + DPOptimizer clipping to float tolerance; use it with
 ``DPOptimizerFastGradientClipping``, which noises and scales the clipped sum left in ``p.grad``.
@@ -256,7 +257,8 @@ def _form_per_sample(batch: int, tokens: int, din: int, dout: int) -> bool:
     return tokens * tokens * (din + dout) >= 24 * din * dout and batch * din * dout <= 2**23
 
 
-_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                     3: torch.nn.grad.conv3d_weight}
 
 
 def _grouped_conv_wins(layer: nn.Module, use: _Use) -> bool:
@@ -283,8 +285,8 @@ def _conv_per_sample(layer: nn.Module, inputs: list[torch.Tensor], grad: torch.T
     b, nd = x.shape[0], x.dim() - 2
     weight = layer.weight
     per_sample = _CONV_WEIGHT_GRAD[nd](
-        x.reshape(1, -1, *x.shape[2:]), (b * weight.shape[0], *weight.shape[1:]), grad.reshape(1, -1, *grad.shape[2:]),
-        stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=b * layer.groups)
+        x.reshape(1, -1, *x.shape[2:]), (b * weight.shape[0], *weight.shape[1:]),
+        grad.reshape(1, -1, *grad.shape[2:]), stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=b * layer.groups)
     out = {weight: per_sample.view(b, *weight.shape)}
     if layer.bias is not None:
         out[layer.bias] = grad.flatten(2).sum(2)
