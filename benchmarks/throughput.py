@@ -3,9 +3,10 @@
 Measures images/s of one local training step (forward, backward, AdamW step) of a model preset
 (``--model``, default ``default``) on 2D 28x28 batches (256) and 3D 28^3 batches (64), for masked
 reconstruction alone and masked reconstruction + rotation, without DP and with DP-SGD (train_local's
-own pieces, noise multiplier 1.0, clip 1.0), and the cost of DP as a ratio of step times. DP-SGD clips per-sample gradients the way
-train_local does by default (``ghost``: per-sample norms without per-sample gradients of the Linear
-layers, medformer.dp_clipping); ``--dp-clipping hooks`` measures Opacus's GradSampleModule hooks instead.
+own pieces, noise multiplier 1.0, clip 1.0), and the cost of DP as a ratio of step times. DP-SGD
+clips per-sample gradients the way train_local does by default (``ghost``: per-sample norms without
+per-sample gradients of the Linear layers, medformer.dp_clipping); ``--dp-clipping hooks`` measures
+Opacus's GradSampleModule hooks instead.
 
 Usage::
 
