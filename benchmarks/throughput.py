@@ -44,7 +44,7 @@ from benchmarks.common import (
     RESULTS, command_line, header_lines, load_average, machine_info, md_table, now, write_result,
 )
 from medformer.data import get_info, load_split
-from medformer.model import make_config
+from medformer.model import make_config, preset_names
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.dp.clipping import DP_CLIPPING
 from medformer.dp.optimizer import make_dp_sgd
@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few steps (a smoke run, noisy figures)")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"),
                         help="JSON output; the Markdown report goes next to it (.md)")
-    parser.add_argument("--model", default="default", help="model preset (default: %(default)s)")
+    parser.add_argument("--model", default="default", choices=preset_names(), metavar="PRESET",
+                        help="model preset (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the machines' cores)")
     parser.add_argument("--dp-clipping", choices=DP_CLIPPING, default=TrainingSpec().dp_clipping,
                         help="DP-SGD per-sample clipping: ghost (train_local's default) or hooks (Opacus "
@@ -261,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     wall = time.perf_counter()
     figures: list[Figure] = []
-    make_config(args.model)  # an unknown preset fails here, before any timing
     print(f"Medformer preset {args.model}, {args.threads} threads, {source}, {warmup} warmup + {steps} timed steps "
           f"(plain and DP-SGD interleaved), DP-SGD clipping {args.dp_clipping}, physical batch "
           f"{_physical(args.max_physical_batch)}; "

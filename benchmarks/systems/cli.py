@@ -6,8 +6,9 @@
 Parts (each rewrites only its own section of ``results/systems.json``):
 
   flops     a model preset's pretext step (``--flops-model``; masked reconstruction + rotation, batch
-            128) in 2D and 3D: images/s and FLOP/s (matmul/conv FLOPs counted by torch.utils.flop_counter, forward +
-            backward) as a fraction of this CPU's fp32 matmul peak, measured in the same run
+            128) in 2D and 3D: images/s and FLOP/s (matmul/conv FLOPs counted by
+            torch.utils.flop_counter, forward + backward) as a fraction of this CPU's fp32 matmul
+            peak, measured in the same run
   overhead  seconds per round of ``medfl run`` quickstart (Flower simulation, read from
             metrics.jsonl) against the same local training as bare PyTorch loops over the same data,
             seeds and aggregation: sequentially in one process and in 2 worker processes
@@ -45,6 +46,7 @@ from benchmarks.systems.flops import part_flops
 from benchmarks.systems.overhead import part_overhead
 from benchmarks.systems.report import PARTS, write_results
 from benchmarks.systems.scale import part_scale
+from medformer.model import preset_names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,12 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="MedMNIST folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: benchmarks/results)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (default: %(default)s)")
-    p.add_argument("--flops-model", default="default", help="model preset of the flops part (default: %(default)s)")
+    p.add_argument("--flops-model", default="default", choices=preset_names(), metavar="PRESET",
+                   help="model preset of the flops part (default: %(default)s)")
     p.add_argument("--flops-threads", default="1,2", help="thread counts of the flops part (default: %(default)s)")
     p.add_argument("--overhead-rounds", type=int, default=4, help="rounds of the overhead runs (default: %(default)s)")
     p.add_argument("--overhead-steps", type=int, default=8,
                    help="local steps per hospital per round in the overhead runs (default: %(default)s)")
-    p.add_argument("--overhead-model", default="default", help="model preset of the overhead runs (default: %(default)s)")
+    p.add_argument("--overhead-model", default="default", choices=preset_names(), metavar="PRESET",
+                   help="model preset of the overhead runs (default: %(default)s)")
     p.add_argument("--overhead-repeats", type=int, default=3,
                    help="alternations of Flower / bare parallel / bare sequential (default: %(default)s)")
     p.add_argument("--overhead-seq-threads", type=int, default=2,
