@@ -187,3 +187,54 @@ def test_method_costs_sum_cpu_minutes_per_seed_and_average_auc_only_over_complet
     assert costs["random_init"]["mean_auc"] == {"random init + LP": pytest.approx(0.75)}
     assert costs["federated"]["mean_auc"] == {}  # dataset b has no federated row yet: no mean claimed
     assert "not every dataset yet" in "\n".join(cost_table(costs))
+
+
+def test_rows_that_read_no_pretraining_keep_their_fingerprint_under_another_pretext(tmp_path, monkeypatch):
+    import dataclasses
+
+    from benchmarks.quality.experiment import PRESETS, PRETEXT_FREE, Experiment, with_overrides
+    from medformer import model
+
+    def fingerprints(**overrides):
+        preset = with_overrides(PRESETS["full"], **overrides)
+        exp = Experiment("full", preset, ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
+        return {m: exp.row_fingerprint(m) for m in METHODS}
+
+    base = fingerprints()
+    pretext = fingerprints(sets=["pretext={mae: 1.0}", "training.rounds=2"])
+    assert {m for m in METHODS if pretext[m] == base[m]} == set(PRETEXT_FREE)
+    recipe = fingerprints(fields=["min_steps=10"])
+    assert all(recipe[m] != base[m] for m in METHODS)
+    name = Experiment("full", PRESETS["full"], ["breastmnist"], "unused", tmp_path).scenario.model.preset
+    monkeypatch.setitem(model.PRESETS, name, dataclasses.replace(model.PRESETS[name], depth=2))
+    architecture = fingerprints()
+    assert {m for m in METHODS if architecture[m] == base[m]} == {"cnn_scratch"}
+
+
+def test_a_row_of_the_whole_experiment_fingerprint_is_restamped_and_reused(tmp_path, real_data_dir):
+    """Rows written before per-row fingerprints are found, appended again under their own, and then
+    survive a change of pretext."""
+    from benchmarks.quality.experiment import PRESETS, Experiment
+
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--seeds", "0", "--threads", "1",
+           "--datasets", "breastmnist", "--methods", "random_init", "--split", "val", "--no-report",
+           "--data-dir", str(real_data_dir), "--out", str(out)]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    jsonl = out / "quality-quick-val.jsonl"
+    (row,) = read_rows(jsonl)
+    exp = Experiment("quick", PRESETS["quick"], ["breastmnist"], str(real_data_dir), out, split="val")
+    assert row["fingerprint"] == exp.row_fingerprint("random_init") != exp.fingerprint
+    jsonl.write_text(json.dumps({**row, "fingerprint": exp.fingerprint}) + "\n")  # as an older version wrote it
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 to run" in again.stderr, again.stderr[-3000:]
+    legacy, restamped = read_rows(jsonl)
+    assert restamped["fingerprint"] == row["fingerprint"] and restamped["restamped_from"] == exp.fingerprint
+    assert restamped["metrics"] == legacy["metrics"] == row["metrics"]
+
+    other = subprocess.run(cmd + ["--set", "pretext={mae: 1.0}"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 0 and "0 to run" in other.stderr, other.stderr[-3000:]
+    assert len(read_rows(jsonl)) == 2

@@ -6,7 +6,10 @@
 One row per (method, dataset, seed), test AUC / ACC with MedMNIST's official metrics
 (``medformer.eval``), appended to ``results/quality-<preset>.jsonl`` as soon as it is done, so
 a long run can be stopped (Ctrl-C, kill) and continued by rerunning the same command. Pretrained
-weights are cached under ``results/cache/`` (``*.pt``, not committed) for the same reason.
+weights are cached under ``results/cache/`` (``*.pt``, not committed) for the same reason. A row is
+found again by its fingerprint: the whole experiment's, or for the rows that read no pretraining
+(random init and the two from-scratch rows) only the recipe and model they use, so a new pretext
+reruns the pretrained rows alone.
 
 Methods:
   random_init         linear probe of an untrained Medformer (same architecture and seed)
@@ -16,7 +19,9 @@ Methods:
                       probe and fine-tune (all labels)
   centralized         one model, one optimizer, the pooled data: the federation's batches (the same
                       number of steps per dataset) interleaved round-robin in one process
+  dp_federated        the federation with DP-SGD at every hospital (epsilon 8, a per-sample pretext)
   supervised_scratch  the same model fine-tuned from random init on all labels
+  cnn_scratch         a small GroupNorm CNN of about the same size, the same fine-tune recipe
   label_efficiency    fine-tune on 1% and 10% of the labels, federated init vs random init (the
                       100% points are the ``federated`` fine-tune and ``supervised_scratch`` rows)
 
@@ -42,8 +47,8 @@ import torch
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, DATASETS, RESULTS, command_line, fmt_seconds, load_average,
                                machine_info, now, write_atomic, write_result)
-from benchmarks.quality.experiment import (METHODS, PRESETS, PRETRAINED, QUICK_LABEL, Experiment, append_row, read_rows,
-                                           with_overrides)
+from benchmarks.quality.experiment import (METHODS, PRESETS, PRETEXT_FREE, PRETRAINED, QUICK_LABEL, Experiment,
+                                           append_row, read_rows, with_overrides)
 from benchmarks.quality.plan import plan
 from benchmarks.quality.plot import plot_quality
 from benchmarks.quality.summary import evaluate_targets, method_costs, render_markdown, summarize
@@ -151,7 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     name = f"quality-{preset_name}" + ("-val" if args.split == "val" else "")
     jsonl = out / f"{name}.jsonl"
     rows_all = read_rows(jsonl)
-    mine = {(r["method"], r["dataset"], r["seed"]): r for r in rows_all if r.get("fingerprint") == exp.fingerprint}
+    mine = {(r["method"], r["dataset"], r["seed"]): r for r in rows_all
+            if r.get("method") in METHODS and r.get("fingerprint") == exp.row_fingerprint(r["method"])}
+    # Rows written before per-row fingerprints carry the whole experiment's; a pretext-free one among
+    # them is appended again under its own (appending is safe beside another stream writing rows).
+    for r in rows_all:
+        key = (r.get("method"), r.get("dataset"), r.get("seed"))
+        if r.get("fingerprint") == exp.fingerprint and key[0] in PRETEXT_FREE and key not in mine:
+            mine[key] = {**r, "fingerprint": exp.row_fingerprint(key[0]), "restamped_from": exp.fingerprint}
+            if not args.summary_only:
+                append_row(jsonl, mine[key])
     others = len(rows_all) - len(mine)
     if others:
         log.info("%s: %d rows of other settings (fingerprints) are kept but not used", jsonl.name, others)
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 interrupted = True
                 log.warning("interrupted; %d rows saved in %s; rerun the same command to continue", i - 1, jsonl)
                 break
-            row = {"fingerprint": exp.fingerprint, "preset": preset_name, "split": args.split, "method": method,
+            row = {"fingerprint": exp.row_fingerprint(method), "preset": preset_name, "split": args.split, "method": method,
                    "dataset": dataset, "seed": seed, "overrides": {"set": args.set, "dp_set": args.dp_set,
                                                                     "ft": args.ft, "rounds": args.rounds},
                    "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),

@@ -41,6 +41,10 @@ log = logging.getLogger("benchmarks.quality")
 METHODS: tuple[str, ...] = ("random_init", "local_only", "federated", "centralized", "dp_federated",
                             "supervised_scratch", "cnn_scratch", "label_efficiency")
 PRETRAINED = ("local_only", "federated", "centralized", "dp_federated")
+# Rows that read no pretraining: the federation's pretext and training do not touch their numbers.
+PRETEXT_FREE = ("random_init", "supervised_scratch", "cnn_scratch")
+# Preset fields that only pretraining (and the rows built on it) read.
+PRETRAINING_FIELDS = ("scenario", "sets", "dp_sets", "federated_fine_tune", "label_fractions")
 SPLITS = ("test", "val")
 QUICK_LABEL = "QUICK MODE: tiny model and a few steps; checks that every row runs, NOT for the numbers"
 
@@ -184,19 +188,34 @@ class Experiment:
         self.spec = sc.training
         self.fingerprint = self._fingerprint()
         # Pretrainings do not depend on the split or the fine-tune recipe: selection and test runs share them.
-        self.pretrain_fingerprint = hashlib.sha256(json.dumps(
+        self.pretrain_fingerprint = _digest(
             {"datasets": self.datasets, "scenario": self.scenario.to_dict(), "dp": self.dp_scenario.to_dict(),
-             "model": dataclasses.asdict(self.cfg)},
-            sort_keys=True).encode()).hexdigest()[:12]
+             "model": dataclasses.asdict(self.cfg)})
         self._splits: dict[str, dict[str, MedMNISTSplit]] = {}
         self._pretrained: dict[tuple[str, int], Pretrained] = {}
 
     def _fingerprint(self) -> str:
         # The resolved architecture too: a preset name (``default``) may come to mean another model.
-        blob = json.dumps({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets, "split": self.split,
-                           "scenario": self.scenario.to_dict(), "model": dataclasses.asdict(self.cfg)},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return _digest({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets, "split": self.split,
+                        "scenario": self.scenario.to_dict(), "model": dataclasses.asdict(self.cfg)})
+
+    def row_fingerprint(self, method: str) -> str:
+        """The fingerprint a row of ``method`` is stored and found under.
+
+        A row that reads no pretraining (``PRETEXT_FREE``) hangs on the fine-tune / probe recipe, the
+        split and, for the Medformer rows, the resolved architecture; not on the pretext, the
+        federation or the other hospitals. Choosing another pretext then keeps those rows, the
+        small CNN's 3D fine-tunes above all. Every other row hangs on the whole experiment.
+        """
+        if method not in PRETEXT_FREE:
+            return self.fingerprint
+        recipe = {k: v for k, v in dataclasses.asdict(self.preset).items() if k not in PRETRAINING_FIELDS}
+        blob: dict[str, Any] = {"method": method, "recipe": recipe, "split": self.split}
+        if method == "cnn_scratch":  # its layers, in 2D and 3D
+            blob["model"] = [repr(small_cnn(d)) for d in ("breastmnist", "adrenalmnist3d")]
+        else:
+            blob["model"] = dataclasses.asdict(self.cfg)
+        return _digest(blob)
 
     def describe(self) -> dict[str, Any]:
         sc = self.scenario
@@ -375,6 +394,10 @@ class Experiment:
         if method == "federated" and p.federated_fine_tune:
             out["fine_tune"] = all_labels(model)
         return out
+
+
+def _digest(blob: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _numbers(result: dict[str, Any]) -> dict[str, float]:
