@@ -238,3 +238,20 @@ def test_a_row_of_the_whole_experiment_fingerprint_is_restamped_and_reused(tmp_p
                            timeout=300)
     assert other.returncode == 0 and "0 to run" in other.stderr, other.stderr[-3000:]
     assert len(read_rows(jsonl)) == 2
+
+
+@pytest.mark.parametrize("gains, status", [
+    ({"breastmnist": 0.12, "pneumoniamnist": 0.04, "retinamnist": -0.06}, "n/a"),  # two datasets still open
+    ({"breastmnist": 0.12, "pneumoniamnist": 0.04, "retinamnist": 0.05}, "met"),
+    ({"breastmnist": 0.12, "pneumoniamnist": -0.01, "retinamnist": -0.06, "adrenalmnist3d": 0.0}, "missed"),
+])
+def test_a_count_target_is_settled_only_when_the_datasets_not_run_cannot_change_it(gains, status):
+    from benchmarks.common import DATASETS
+    from benchmarks.quality.summary import evaluate_targets, summarize
+
+    rows = [{"method": "label_efficiency", "dataset": d, "seed": 0,
+             "metrics": {"federated@0.1": {"auc": 0.6 + g, "acc": 0.5}, "random@0.1": {"auc": 0.6, "acc": 0.5}}}
+            for d, g in gains.items()]
+    targets = evaluate_targets(summarize(rows, list(DATASETS)), list(DATASETS), 0.0, complete=False, quick=False)
+    (t,) = [t for t in targets if "10% labels" in t["target"]]
+    assert t["status"] == status, t
