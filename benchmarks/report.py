@@ -216,8 +216,8 @@ def build(results: Path = RESULTS) -> str:
     ]), "",
         "Quality rows are appended to `results/quality-<preset>.jsonl` as they finish; pretrained weights are "
         "cached in `results/cache/` (not committed). Rows that read no pretraining (random init, the two "
-        "from-scratch rows) are kept when only the pretext or the federation changes. Every result file states the machine, the command, the seeds "
-        "and the wall time.", ""]
+        "from-scratch rows) are kept when only the pretext or the federation changes. Every result file states "
+        "the machine, the command, the seeds and the wall time.", ""]
     return "\n".join(lines)
 
 

@@ -182,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                 interrupted = True
                 log.warning("interrupted; %d rows saved in %s; rerun the same command to continue", i - 1, jsonl)
                 break
-            row = {"fingerprint": exp.row_fingerprint(method), "preset": preset_name, "split": args.split, "method": method,
-                   "dataset": dataset, "seed": seed, "overrides": {"set": args.set, "dp_set": args.dp_set,
-                                                                    "ft": args.ft, "rounds": args.rounds},
+            row = {"fingerprint": exp.row_fingerprint(method), "preset": preset_name, "split": args.split,
+                   "method": method, "dataset": dataset, "seed": seed,
+                   "overrides": {"set": args.set, "dp_set": args.dp_set, "ft": args.ft, "rounds": args.rounds},
                    "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),
                    "threads": torch.get_num_threads(), "load_average": load_average(), "finished_at": now()}
             append_row(jsonl, row)

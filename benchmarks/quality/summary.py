@@ -135,6 +135,7 @@ def evaluate_targets(s: dict[str, Any], datasets: Sequence[str], compute_seconds
             add(f"{d}: federated probe AUC above local-only by more than one std (small site)", p["mean"],
                 None if p["mean"] is None or std is None else p["mean"] - std,
                 f"one std = the local-only probe's std over seeds ({'—' if std is None else f'{std:.3f}'})")
+
     def count(name: str, values: dict[str, float | None], passes: Callable[[float], bool], need: int = 3) -> None:
         known = [v for v in values.values() if v is not None]
         hits, unknown = sum(passes(v) for v in known), len(values) - len(known)
