@@ -156,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     name = f"quality-{preset_name}" + ("-val" if args.split == "val" else "")
     jsonl = out / f"{name}.jsonl"
     rows_all = read_rows(jsonl)
+    fingerprints = {m: exp.row_fingerprint(m) for m in METHODS}  # once: the CNN's builds two models
     mine = {(r["method"], r["dataset"], r["seed"]): r for r in rows_all
-            if r.get("method") in METHODS and r.get("fingerprint") == exp.row_fingerprint(r["method"])}
+            if r.get("method") in fingerprints and r.get("fingerprint") == fingerprints[r["method"]]}
     # Rows written before per-row fingerprints carry the whole experiment's; a pretext-free one among
     # them is appended again under its own (appending is safe beside another stream writing rows).
     for r in rows_all:
         key = (r.get("method"), r.get("dataset"), r.get("seed"))
         if r.get("fingerprint") == exp.fingerprint and key[0] in PRETEXT_FREE and key not in mine:
-            mine[key] = {**r, "fingerprint": exp.row_fingerprint(key[0]), "restamped_from": exp.fingerprint}
+            mine[key] = {**r, "fingerprint": fingerprints[key[0]], "restamped_from": exp.fingerprint}
             if not args.summary_only:
                 append_row(jsonl, mine[key])
     others = len(rows_all) - len(mine)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 interrupted = True
                 log.warning("interrupted; %d rows saved in %s; rerun the same command to continue", i - 1, jsonl)
                 break
-            row = {"fingerprint": exp.row_fingerprint(method), "preset": preset_name, "split": args.split,
+            row = {"fingerprint": fingerprints[method], "preset": preset_name, "split": args.split,
                    "method": method, "dataset": dataset, "seed": seed,
                    "overrides": {"set": args.set, "dp_set": args.dp_set, "ft": args.ft, "rounds": args.rounds},
                    "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),

@@ -286,7 +286,8 @@ def _conv_per_sample(layer: nn.Module, inputs: list[torch.Tensor], grad: torch.T
     weight = layer.weight
     per_sample = _CONV_WEIGHT_GRAD[nd](
         x.reshape(1, -1, *x.shape[2:]), (b * weight.shape[0], *weight.shape[1:]),
-        grad.reshape(1, -1, *grad.shape[2:]), stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=b * layer.groups)
+        grad.reshape(1, -1, *grad.shape[2:]), stride=layer.stride, padding=layer.padding,
+        dilation=layer.dilation, groups=b * layer.groups)
     out = {weight: per_sample.view(b, *weight.shape)}
     if layer.bias is not None:
         out[layer.bias] = grad.flatten(2).sum(2)
