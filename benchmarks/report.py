@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, REPO, RESULTS, fmt_bytes, fmt_ms, fmt_seconds, md_table,
                                read_json, write_atomic)
-from benchmarks.quality.summary import cost_table, target_margin
+from benchmarks.quality.summary import COLUMN_NAMES, cost_table, target_margin
 
 README = REPO / "benchmarks" / "README.md"
 
@@ -62,15 +62,11 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
                   + " (each folder's README says what changed).", ""]
     if q.get("plot") and (results / q["plot"]).exists():
         lines += [f"![Test AUC per method and dataset](results/{q['plot']})", ""]
-    cols = [("random_init", "random init + LP"), ("local_only", "local-only SSL + LP"),
-            ("federated_probe", "**federated SSL + LP**"), ("centralized", "centralized SSL + LP"),
-            ("dp_federated_probe", "federated SSL DP eps 8 + LP"), ("federated_finetune", "**federated SSL + FT**"),
-            ("supervised_scratch", "Medformer scratch FT"), ("cnn_scratch", "small CNN scratch FT")]
+    cols = [(c, f"**{n}**" if c in ("federated_probe", "federated_finetune") else n) for c, n in COLUMN_NAMES.items()]
     rows = []
     for d in q["datasets"]:
         t = s["table"][d]
-        fl = s["pairs"]["federated_minus_local_only_probe"][d] if "pairs" in s \
-            else s["federated_minus_local_only_probe_auc"][d]  # a result of the first benchmark layout
+        fl = s["pairs"]["federated_minus_local_only_probe"][d]
         rows.append([d] + [fmt_ms(t[c]["auc"]) if c in t else "—" for c, _ in cols]
                     + [f"{ANCHORS[d]['auc']:.3f}", fmt_ms(fl, signed=True),
                        fmt_ms(s["label_efficiency"][d].get("federated@0.1")) + " vs "
@@ -90,7 +86,7 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
     lines += [f"Targets{' (quick mode: meaningless)' if quick else ''}: {len(met)} met, {len(missed)} missed, "
               f"{len(q['targets']) - len(met) - len(missed)} not assessable"
               + ("; missed: " + "; ".join(f"{t['target']}{target_margin(t)}" for t in missed
-                                          if "3 h" not in t["target"]) if missed and not quick else "") + ".", ""]
+                                          if t["kind"] != "seconds") if missed and not quick else "") + ".", ""]
     return lines
 
 

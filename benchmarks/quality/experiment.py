@@ -26,7 +26,7 @@ from benchmarks.common import REPO, load_average
 from client.round import train_round
 from config import Scenario, ScenarioError, load_scenario
 from medformer.baselines import small_cnn
-from medformer.data import MedMNISTSplit, load_splits
+from medformer.data import AUGMENTATIONS, MedMNISTSplit, load_splits
 from medformer.eval import RECIPE, fine_tune, linear_probe, random_init_reference, recipe_epochs
 from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
@@ -131,19 +131,56 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Preset fields ``--ft`` may set, with the type each value is converted to (the fingerprint then
+# sees ``1`` and ``1.0`` alike, and a bad value fails here rather than hours into a run).
+FT_FIELDS: dict[str, tuple[type, bool]] = {  # name -> (type, None allowed)
+    "scenario": (str, False), "fine_tune_epochs": (int, False), "fine_tune_lr": (float, False),
+    "fine_tune_encoder_lr": (float, True), "fine_tune_batch": (int, False), "fine_tune_augment": (str, False),
+    "max_train_examples": (int, True), "label_fractions": (tuple, False), "min_steps": (int, False),
+    "validations": (int, True), "federated_fine_tune": (bool, False),
+}
+
+
+def _ft_value(key: str, text: str) -> Any:
+    kind, optional = FT_FIELDS[key]
+    value = yaml.safe_load(text)
+    try:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if optional:
+                return None
+            raise ValueError
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is tuple:
+            items = value if isinstance(value, list) else [value]
+            return tuple(float(x) for x in items)
+        if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
+            raise ValueError
+        return kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        what = {int: "an integer", float: "a number", str: "text", bool: "true or false",
+                tuple: "a list of numbers"}[kind] + (" or none" if optional else "")
+        raise ValueError(f"--ft {key}={text!r}: expected {what}") from None
+
+
 def with_overrides(preset: Preset, *, sets: Sequence[str] = (), dp_sets: Sequence[str] = (),
                    fields: Sequence[str] = ()) -> Preset:
     """The preset with extra scenario overrides and ``field=value`` (YAML) preset fields."""
     changes: dict[str, Any] = {}
-    names = {f.name: f for f in dataclasses.fields(Preset)}
     for item in fields:
         key, sep, text = item.partition("=")
-        if not sep or key.strip() not in names:
-            raise ValueError(f"--ft {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
-        value = yaml.safe_load(text)
-        changes[key.strip()] = tuple(value) if isinstance(value, list) else value
+        key = key.strip()
+        if key in ("sets", "dp_sets"):
+            raise ValueError(f"--ft {item!r}: scenario overrides go in --{key[:-1].replace('_', '-')} KEY=VALUE")
+        if not sep or key not in FT_FIELDS:
+            raise ValueError(f"--ft {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(FT_FIELDS)}")
+        changes[key] = _ft_value(key, text)
+        if key == "fine_tune_augment" and changes[key] not in AUGMENTATIONS:
+            raise ValueError(f"--ft {item!r}: choose from {', '.join(AUGMENTATIONS)}")
     return dataclasses.replace(preset, **changes, sets=tuple(preset.sets) + tuple(sets),
-                               dp_sets=tuple(changes.get("dp_sets", preset.dp_sets)) + tuple(dp_sets))
+                               dp_sets=tuple(preset.dp_sets) + tuple(dp_sets))
 
 
 @dataclass
@@ -205,8 +242,12 @@ class Experiment:
         A row that reads no pretraining (``PRETEXT_FREE``) hangs on the fine-tune / probe recipe, the
         split and, for the Medformer rows, the resolved architecture; not on the pretext, the
         federation or the other hospitals. Choosing another pretext then keeps those rows, the
-        small CNN's 3D fine-tunes above all. Every other row hangs on the whole experiment.
+        small CNN's 3D fine-tunes above all. Every other row hangs on the whole experiment; the DP row
+        on its resolved scenario as well, so that a changed privacy default (clip norm, accountant)
+        reruns it.
         """
+        if method == "dp_federated":
+            return _digest({"experiment": self.fingerprint, "dp": self.dp_scenario.to_dict()})
         if method not in PRETEXT_FREE:
             return self.fingerprint
         recipe = {k: v for k, v in dataclasses.asdict(self.preset).items() if k not in PRETRAINING_FIELDS}
@@ -336,7 +377,7 @@ class Experiment:
         final = {d: {k: torch.from_numpy(np.array(v)) for k, v in (glob if aggregate else own[d]).items()}
                  for d in sites}
         states = {d: self._encoder_keys(final[d], d) for d in sites}
-        steps = {d: rounds * self.steps_per_round(d) for d in sites}
+        steps = {d: rounds * sc.training.steps(len(self.splits(d)["train"])) for d in sites}
         return Pretrained(states, {"steps": steps, "loss_per_round": losses, "rounds": rounds, "privacy": privacy})
 
     def _pretrain_centralized(self, seed: int) -> Pretrained:
@@ -348,6 +389,8 @@ class Experiment:
         steps = {h.dataset: rounds * self.steps_per_round(h.dataset) for h in self.hospitals}
         gens = {h.dataset: torch.Generator().manual_seed(round_seed(seed, f"centralized/{h.name}", 0))
                 for h in self.hospitals}
+        # The masks' stream, apart from the batch generators (the value is kept so that cached
+        # pretrainings stay reproducible).
         torch.manual_seed(round_seed(seed, "centralized", 0) ^ 1)
         mean_loss = train_pooled(model, self.objective, {d: self.splits(d)["train"] for d in steps}, steps, self.spec,
                                  generators=gens)
@@ -419,7 +462,12 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:  # a line cut by a kill has no newline: end it, or this row would be glued onto it and lost
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(row) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())

@@ -66,9 +66,9 @@ def plan(exp: "Experiment", seeds: Sequence[int], methods: Sequence[str], system
         for m in PRETRAINED:
             if m in methods or (m == "federated" and "label_efficiency" in methods):
                 add(f"pretraining ({m})", d, "pretext", pre_images)
-        probes = sum(m in methods for m in ("random_init", "local_only", "federated", "centralized"))
+        probes = sum(m in methods for m in ("random_init", *PRETRAINED))
         add("linear probes (features)", d, "forward", probes * (n_tr + n_eval + n_test))
-        ft = sum(m in methods for m in ("federated", "supervised_scratch"))
+        ft = ("federated" in methods and p.federated_fine_tune) + ("supervised_scratch" in methods)
         ep = p.fine_tune_epochs_for(n_tr)
         add("fine-tunes, all labels", d, "fine_tune", ft * ep * n_tr)
         add("fine-tunes, all labels", d, "forward", ft * (len(validation_epochs(ep, p.validations)) * n_eval + n_test))
