@@ -125,22 +125,22 @@ def evaluate_targets(s: dict[str, Any], datasets: Sequence[str], compute_seconds
     def diff(name: str, d: str) -> dict[str, Any]:
         return pairs[name][d]
 
-    def less(value: float | None, bound: float) -> float | None:
+    def above(value: float | None, bound: float) -> float | None:  # the margin by which value clears bound
         return None if value is None else value - bound
 
     for d in datasets:
         c, a = cell(d, "federated_finetune"), ANCHORS[d]["auc"]
-        add(f"{d}: federated SSL + fine-tune AUC >= {ANCHORS[d]['model']} {a:.3f}", c["mean"], less(c["mean"], a),
+        add(f"{d}: federated SSL + fine-tune AUC >= {ANCHORS[d]['model']} {a:.3f}", c["mean"], above(c["mean"], a),
             n=c["n"])
     gains = {"breastmnist": 0.04, "adrenalmnist3d": 0.04, "vesselmnist3d": 0.04, "pneumoniamnist": 0.03}
     for d, g in gains.items():
         if d in datasets:
             p = diff("federated_minus_random_init_probe", d)
-            add(f"{d}: federated SSL probe AUC >= random-init probe + {g:.2f}", p["mean"], less(p["mean"], g),
+            add(f"{d}: federated SSL probe AUC >= random-init probe + {g:.2f}", p["mean"], above(p["mean"], g),
                 "value = paired difference, federated - random init", n=p["n"])
     if "retinamnist" in datasets:
         c = cell("retinamnist", "federated_probe")
-        add("retinamnist: federated SSL probe AUC >= 0.740", c["mean"], less(c["mean"], 0.740), n=c["n"])
+        add("retinamnist: federated SSL probe AUC >= 0.740", c["mean"], above(c["mean"], 0.740), n=c["n"])
     for d in datasets:
         p = diff("federated_minus_local_only_probe", d)
         add(f"{d}: federated probe AUC >= local-only", p["mean"], p["mean"], "value = paired difference", n=p["n"])
@@ -149,7 +149,7 @@ def evaluate_targets(s: dict[str, Any], datasets: Sequence[str], compute_seconds
             p = diff("federated_minus_local_only_probe", d)
             std = t[d]["local_only"]["auc"]["std"]
             add(f"{d}: federated probe AUC above local-only by more than one std (small site)", p["mean"],
-                None if std is None else less(p["mean"], std),
+                None if std is None else above(p["mean"], std),
                 f"one std = the local-only probe's std over seeds ({'—' if std is None else f'{std:.3f}'})", n=p["n"])
 
     def count(name: str, pair: str, passes: Callable[[float], bool], need: int = 3) -> None:
