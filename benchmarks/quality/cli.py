@@ -97,10 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _csv(text: str, valid: Sequence[str] | None, what: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     problem = None
+    bad = [x for x in items if x not in valid] if valid is not None else []
     if not items:
         problem = f"--{what} is empty"
-    elif valid is not None and any(x not in valid for x in items):
-        bad = [x for x in items if x not in valid]
+    elif bad:
         problem = f"unknown --{what} {', '.join(bad)}; choose from {', '.join(valid)}"
     elif valid is None and not all(x.lstrip("-").isdigit() for x in items):
         problem = f"--{what} must be comma-separated integers, got {text!r}"

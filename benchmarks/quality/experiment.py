@@ -31,7 +31,7 @@ from medformer.eval import RECIPE, fine_tune, linear_probe, random_init_referenc
 from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.seeding import round_seed
-from medformer.train import train_pooled
+from medformer.train import TrainingSpec, train_pooled
 from server.aggregation import Update
 from server.instructions import Instructor
 from server.strategy import make_aggregator
@@ -278,8 +278,9 @@ class Experiment:
             self._splits[dataset] = load_splits(dataset, size=28, data_dir=self.data_dir)
         return self._splits[dataset]
 
-    def steps_per_round(self, dataset: str) -> int:
-        return self.spec.steps(len(self.splits(dataset)["train"]))
+    def steps_per_round(self, dataset: str, spec: TrainingSpec | None = None) -> int:
+        """Local steps per round at ``dataset``'s site under ``spec`` (default: the preset's training)."""
+        return (spec or self.spec).steps(len(self.splits(dataset)["train"]))
 
     # ---- models -----------------------------------------------------------------------------------
     def initial_state(self, seed: int, objective: PretextObjective | None = None) -> dict[str, torch.Tensor]:
@@ -377,7 +378,7 @@ class Experiment:
         final = {d: {k: torch.from_numpy(np.array(v)) for k, v in (glob if aggregate else own[d]).items()}
                  for d in sites}
         states = {d: self._encoder_keys(final[d], d) for d in sites}
-        steps = {d: rounds * sc.training.steps(len(self.splits(d)["train"])) for d in sites}
+        steps = {d: rounds * self.steps_per_round(d, sc.training) for d in sites}
         return Pretrained(states, {"steps": steps, "loss_per_round": losses, "rounds": rounds, "privacy": privacy})
 
     def _pretrain_centralized(self, seed: int) -> Pretrained:
