@@ -168,13 +168,39 @@ def test_ghost_distill_and_bridge_match_reference(preset: str) -> None:
         model, lambda m, part: bridge.projected_losses(m, x[part], "adrenalmnist3d", axis=2), B)
 
 
-def test_ghost_overlapping_conv_and_plain_linear() -> None:
-    """A conv that does not tile its input falls back to Opacus's per-sample conv gradients."""
+def test_ghost_overlapping_convs_used_twice_and_plain_linear() -> None:
+    """Convs that do not tile their input, each used twice: a 2D conv with few output positions as a
+    matmul over its unfolded patches, a grouped one through Opacus's per-sample gradients."""
+    from medformer.dp.clipping import _unfold_wins, _Use
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 3, 2, stride=2), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1, groups=2),
+                          nn.GELU(), nn.Conv2d(4, 3, 2, stride=2), nn.Flatten(),
                           nn.Linear(3 * 16, 5), nn.GELU(), nn.Linear(5, 1)).to(torch.float64).train()
-    x = torch.randn(B, 2, 8, 8, dtype=torch.float64)
-    _assert_ghost_matches_reference(model, lambda m, part: m(x[part]).squeeze(1) ** 2, B)
+    assert _unfold_wins(model[0], _Use([], torch.zeros(1, 4, 8, 8)))
+    assert not _unfold_wins(model[2], _Use([], torch.zeros(1, 4, 8, 8)))  # groups: Opacus's unfold
+    x, y = torch.randn(2, B, 2, 8, 8, dtype=torch.float64)
+    _assert_ghost_matches_reference(
+        model, lambda m, part: (m(x[part]) * m(y[part])).squeeze(1) + m(x[part]).squeeze(1) ** 2, B)
+
+
+@pytest.mark.parametrize("form", [True, False], ids=["formed", "gram"])
+def test_ghost_linear_used_three_times(monkeypatch, form: bool) -> None:
+    """A Linear layer used three times with different token counts, its uses' outputs multiplied
+    together: per-sample norms and clipped sums agree whether its per-sample gradients are formed or
+    its norms come from the Gram matrices of every pair of uses."""
+    import medformer.dp.clipping as clipping
+
+    monkeypatch.setattr(clipping, "_form_per_sample", lambda *_: form)
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4).to(torch.float64).train()
+    xs = [torch.randn(B, t, 5, dtype=torch.float64) for t in (1, 3, 7)]
+
+    def losses(m, part):
+        one, three, seven = (m(x[part]) for x in xs)
+        return (one.sum(1) * three.sum(1)).sum(1) + (seven.tanh() ** 2).sum((1, 2))
+
+    _assert_ghost_matches_reference(layer, losses, B)
 
 
 @pytest.mark.parametrize("conv", [
