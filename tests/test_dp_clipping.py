@@ -184,6 +184,28 @@ def test_ghost_overlapping_convs_used_twice_and_plain_linear() -> None:
         model, lambda m, part: (m(x[part]) * m(y[part])).squeeze(1) + m(x[part]).squeeze(1) ** 2, B)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv3d(3, 4, 3, stride=2, padding=1),
+    nn.Conv2d(2, 3, 3, padding=2, dilation=2),
+    nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0)),
+    nn.Conv1d(3, 2, 5, padding=(1,)),
+], ids=["3d-strided", "2d-dilated", "2d-uneven", "1d"])
+def test_unfolded_patches_give_opacus_per_sample_gradients(conv: nn.Module) -> None:
+    """Each sample's weight gradient, its output gradient times its unfolded patches, is Opacus's."""
+    from opacus import GradSampleModule
+
+    from medformer.dp.clipping import _unfolded_patches
+
+    torch.manual_seed(0)
+    conv = conv.to(torch.float64)
+    nd = conv.weight.dim() - 2
+    x = torch.randn(B, conv.in_channels, *(9,) * nd, dtype=torch.float64)
+    grad = torch.randn_like(conv(x))
+    got = torch.bmm(grad.flatten(2), _unfolded_patches(conv, x))
+    ref = GradSampleModule.GRAD_SAMPLERS[type(conv)](conv, [x], grad)[conv.weight]
+    torch.testing.assert_close(got, ref.flatten(2))
+
+
 @pytest.mark.parametrize("form", [True, False], ids=["formed", "gram"])
 def test_ghost_linear_used_three_times(monkeypatch, form: bool) -> None:
     """A Linear layer used three times with different token counts, its uses' outputs multiplied

@@ -17,8 +17,8 @@ forward pass concatenated along T) has the per-sample weight gradient g_i^T a_i,
 A conv whose kernel tiles its input (kernel = stride, no padding: the patch tokenizers) is the same
 Linear layer applied to the patches. Other convs (the conv stems' 3x3 stages) form their per-sample
 weight gradients as one grouped convolution over the batch (:func:`_conv_per_sample`) where their
-output has many positions, since Opacus's unfold copies each sample's input 3^d times; a 2D one with
-few output positions is a Linear layer applied to its unfolded patches (:func:`_unfold_wins`). The other
+output has many positions, since Opacus's unfold copies each sample's input 3^d times; one with few
+output positions is a Linear layer applied to its unfolded patches (:func:`_unfold_wins`). The other
 layers (LayerNorm, raw parameters such as positions and tokens) are small: their per-sample gradients
 come from Opacus's grad samplers, or its functorch fallback. Autograd computes no parameter gradient
 at all: every parameter is frozen while the forward pass is recorded, so the backward pass carries
@@ -182,7 +182,7 @@ def _contribution(layer: nn.Module, uses: list[_Use], batch: int, trainable: set
 
 def _as_matmul(layer: nn.Module, use: _Use, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(inputs [B, T, din], output gradients [B, T, dout]) of a layer that multiplies each token by
-    its weight [dout, din]: a Linear layer, a conv whose kernel tiles its input, or a 2D conv with few
+    its weight [dout, din]: a Linear layer, a conv whose kernel tiles its input, or a conv with few
     output positions (its unfolded patches); None otherwise."""
     if isinstance(layer, nn.Linear):
         return (use.inputs[0].reshape(batch, -1, layer.in_features),
@@ -212,11 +212,18 @@ def _tiling_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return x.reshape(split).permute(order).reshape(b, math.prod(grid), c * math.prod(kernel))
 
 
-def _unfolded_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The patches [B, T, C * kh * kw] a 2D conv reads (im2col), in the order of its flattened weight
-    and of its flattened output. Opacus unfolds the same patches, then forms each sample's [dout, din]
-    weight gradient; as a matmul layer's tokens the ghost norm can skip that (:func:`_unfold_wins`)."""
-    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride).mT
+def _unfolded_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The patches [B, T, C * prod(kernel)] a zero-padded conv without groups reads (im2col), in the
+    order of its flattened weight and of its flattened output. Opacus unfolds the same patches, then
+    forms each sample's [dout, din] weight gradient; as a matmul layer's tokens the ghost norm can skip
+    that (:func:`_unfold_wins`)."""
+    nd = x.dim() - 2
+    x = F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
+    for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # windows appended as trailing dims
+    b, c, *grid = x.shape[: 2 + nd]
+    order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return x.permute(order).reshape(b, math.prod(grid), c * math.prod(conv.kernel_size))
 
 
 def _ghost(layer: nn.Module, views: list[tuple[torch.Tensor, torch.Tensor]], batch: int,
@@ -316,13 +323,14 @@ def _grouped_conv_wins(layer: nn.Module, use: _Use) -> bool:
 def _unfold_wins(layer: nn.Module, use: _Use) -> bool:
     """Whether a conv use's unfolded patches, as a matmul layer's tokens (:func:`_ghost`), beat Opacus.
 
-    Measured at 1 thread on the 2-core machines, batch 256, two uses (masked reconstruction + rotation),
-    norms and clipped sum, ms: the 2D stem's 64->128 stage (49 positions, 576 values per position)
-    150 against Opacus's 190-255; its first conv (784 positions, 9 values) 22 against 8. The grouped
+    Measured at 1 thread on the 2-core machines, two uses (masked reconstruction + rotation), norms and
+    clipped sum, ms: the 2D stem's 64->128 stage (batch 256, 49 positions, 576 values per position) 150
+    against Opacus's 190-255; the 3D stem's 64->128 stage (batch 64, 64 positions, 1728 values) 109
+    against 196; the 2D stem's first conv (784 positions, 9 values) 22 against 8. The grouped
     convolution (:func:`_grouped_conv_wins`) is faster than both where it wins.
     """
-    if not isinstance(layer, nn.Conv2d) or layer.groups != 1 or layer.padding_mode != "zeros" \
-            or isinstance(layer.padding, str) or _grouped_conv_wins(layer, use):
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or layer.groups != 1 \
+            or layer.padding_mode != "zeros" or isinstance(layer.padding, str) or _grouped_conv_wins(layer, use):
         return False
     return layer.in_channels * math.prod(layer.kernel_size) > 9
 
