@@ -44,7 +44,7 @@ from benchmarks.common import (
     RESULTS, command_line, header_lines, load_average, machine_info, md_table, now, write_result,
 )
 from medformer.data import get_info, load_split
-from medformer.model import make_config, preset_names
+from medformer.model import ALIASES, make_config, preset_names
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.dp.clipping import DP_CLIPPING
 from medformer.dp.optimizer import make_dp_sgd
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarise(figures)
     payload = {
-        "benchmark": "throughput", "preset": args.model, "source": source, "quick": args.quick,
+        "benchmark": "throughput", "preset": ALIASES.get(args.model, args.model), "source": source, "quick": args.quick,
         "threads": args.threads, "batch_sizes": {c: b for c, _, _, b in CASES},
         "dp": {"noise_multiplier": DP_NOISE, "max_grad_norm": DP_CLIP, "clipping": args.dp_clipping,
                "max_physical_batch": args.max_physical_batch or None},
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Medformer training throughput" + (" (QUICK MODE: a smoke run, not for the numbers)" * args.quick),
         "", *header_lines(payload),
         f"- torch threads: {args.threads}; load average at end {payload['load_average_at_end']}",
-        f"- data: {source}; model preset `{args.model}`; AdamW; DP-SGD with {args.dp_clipping} clipping "
+        f"- data: {source}; model preset `{ALIASES.get(args.model, args.model)}`; AdamW; DP-SGD with {args.dp_clipping} clipping "
         f"({CLIPPING_NOTE[args.dp_clipping]}), noise {DP_NOISE}, clip {DP_CLIP}, physical batch "
         f"{_physical(args.max_physical_batch)}",
         f"- timing: {warmup} warmup + {steps} timed steps per row, plain and DP-SGD steps interleaved; "

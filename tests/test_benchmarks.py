@@ -168,12 +168,17 @@ def test_throughput_verdict_holds_dp_sgd_to_the_issue_s_1_6x_and_the_report_show
     assert slow["meets_dp_slowdown_target"] == {"2d-28/mae": False}
     assert fast["meets_dp_slowdown_target"] == {"2d-28/mae": True}
     figures = [vars(fig(False, 1000.0)), vars(fig(True, 1000.0 / 1.7))]
-    text = "\n".join(report.throughput_section({"figures": figures, "summary": slow, "threads": 2,
-                                                "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
-                                                "load_average_at_end": [0.0],
-                                                "machine": {"cores_usable": 2, "cpu_model": "test CPU", "versions": {
-                                                    "torch": "t", "flwr": "f", "opacus": "o"}}}))
+    result = {"figures": figures, "summary": slow, "threads": 2, "preset": "medformer_small_conv49_fr3d",
+              "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, "load_average_at_end": [0.0],
+              "machine": {"cores_usable": 2, "cpu_model": "test CPU",
+                          "versions": {"torch": "t", "flwr": "f", "opacus": "o"}}}
+    text = "\n".join(report.throughput_section(result))
     assert "≤ 1.6x" in text and "1.70x" in text and "missed" in text
+    faster = {**result, "preset": "medformer_small_conv49", "summary": fast,
+              "figures": [vars(fig(False, 1000.0)), vars(fig(True, 1000.0 / 1.5))]}
+    both = "\n".join(report.throughput_section(result, [("throughput-default", faster)]))
+    assert both.count("| 2d-28 | mae |") == 2 and "1.50x" in both and "1.70x" in both
+    assert "`medformer_small_conv49`" in both and "(results/throughput-default.md)" in both
 
 
 def test_method_costs_sum_cpu_minutes_per_seed_and_average_auc_only_over_complete_columns():
