@@ -296,9 +296,9 @@ def _form_per_sample(batch: int, tokens: int, din: int, dout: int) -> bool:
     machines at 1 thread (batch 256, uses of 14 + 51 tokens, norms and clipped sum, ms formed / ghost):
     the default body's MLP layers, T^2 (din + dout) = 49.5 din dout, 25 / 21 and 24 / 18; its attention
     projection, 66 din dout, 7.5 / 11; the decoder's 64->192 layer (51 tokens), 54 din dout, 9.6 / 18.
-    So forming wins from about 52 din dout (the 2D mae+rotation DP step: 1.41-1.50x a plain one with 50
-    against 1.55-1.56x with the former 24), while the per-sample gradients fit in the cache (at 50 MB,
-    B = 256, they ran 2x slower than ghost).
+    So forming wins from about 52 din dout (the 2D mae+rotation DP step, best of 5 on an idle machine:
+    1.42-1.58x a plain one with a bound of 50 to 60, 1.55-1.56x with the former 24), while the per-sample
+    gradients fit in the cache (at 50 MB, B = 256, they ran 2x slower than ghost).
     """
     return tokens * tokens * (din + dout) >= 52 * din * dout and batch * din * dout <= 2**23
 
