@@ -189,7 +189,8 @@ def test_ghost_overlapping_convs_used_twice_and_plain_linear() -> None:
     nn.Conv2d(2, 3, 3, padding=2, dilation=2),
     nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0)),
     nn.Conv1d(3, 2, 5, padding=(1,)),
-], ids=["3d-strided", "2d-dilated", "2d-uneven", "1d"])
+    nn.Conv2d(2, 3, 2, stride=2, padding="valid"),         # a patch tokenizer on a size it does not divide
+], ids=["3d-strided", "2d-dilated", "2d-uneven", "1d", "2d-tiling-valid"])
 def test_unfolded_patches_give_opacus_per_sample_gradients(conv: nn.Module) -> None:
     """Each sample's weight gradient, its output gradient times its unfolded patches, is Opacus's."""
     from opacus import GradSampleModule

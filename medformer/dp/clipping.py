@@ -187,38 +187,34 @@ def _as_matmul(layer: nn.Module, use: _Use, batch: int) -> tuple[torch.Tensor, t
     if isinstance(layer, nn.Linear):
         return (use.inputs[0].reshape(batch, -1, layer.in_features),
                 use.grad.reshape(batch, -1, layer.out_features))
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        patches = _tiling_patches(layer, use.inputs[0])
-        if patches is None and _unfold_wins(layer, use):
-            patches = _unfolded_patches(layer, use.inputs[0])
-        if patches is not None:
-            return patches, use.grad.flatten(2).mT
+    if _zero_padded_conv(layer) and (_tiles(layer) or _unfold_wins(layer, use)):
+        return _unfolded_patches(layer, use.inputs[0]), use.grad.flatten(2).mT
     return None
 
 
-def _tiling_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The patches [B, T, C * prod(kernel)] a conv with kernel = stride and no padding, dilation or
-    groups sees, in the order of its flattened weight and of its flattened output; None for other convs."""
-    kernel = conv.kernel_size
-    plain = (conv.stride == kernel and conv.groups == 1 and all(d == 1 for d in conv.dilation)
-             and conv.padding in ("valid", (0,) * len(kernel)))
-    b, c, *spatial = x.shape
-    if not plain or any(s % k for s, k in zip(spatial, kernel)):
-        return None
-    grid = [s // k for s, k in zip(spatial, kernel)]
-    split = [b, c] + [n for g, k in zip(grid, kernel) for n in (g, k)]
-    nd = len(kernel)
-    order = [0, *(2 + 2 * i for i in range(nd)), 1, *(3 + 2 * i for i in range(nd))]
-    return x.reshape(split).permute(order).reshape(b, math.prod(grid), c * math.prod(kernel))
+def _zero_padded_conv(layer: nn.Module) -> bool:
+    """A conv padded with explicit zeros (or not at all): what every per-sample conv route here computes."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.padding_mode == "zeros" \
+        and layer.padding != "same"
+
+
+def _tiles(conv: nn.Module) -> bool:
+    """Whether a conv's kernel tiles its input (kernel = stride, no padding, dilation or groups: the
+    patch tokenizers). Its unfolded patches are then a reshaped copy of the input, never worth Opacus's
+    route."""
+    return (conv.stride == conv.kernel_size and conv.groups == 1 and all(d == 1 for d in conv.dilation)
+            and conv.padding in ("valid", (0,) * len(conv.kernel_size)))
 
 
 def _unfolded_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The patches [B, T, C * prod(kernel)] a zero-padded conv without groups reads (im2col), in the
-    order of its flattened weight and of its flattened output. Opacus unfolds the same patches, then
-    forms each sample's [dout, din] weight gradient; as a matmul layer's tokens the ghost norm can skip
-    that (:func:`_unfold_wins`)."""
+    order of its flattened weight and of its flattened output (any input size: the windows a conv
+    drops at the border are dropped here too). Opacus unfolds the same patches, then forms each
+    sample's [dout, din] weight gradient; as a matmul layer's tokens the ghost norm can skip that
+    (:func:`_tiles`, :func:`_unfold_wins`)."""
     nd = x.dim() - 2
-    x = F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
+    if conv.padding != "valid":
+        x = F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
     for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
         x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # windows appended as trailing dims
     b, c, *grid = x.shape[: 2 + nd]
@@ -316,8 +312,7 @@ def _grouped_conv_wins(layer: nn.Module, use: _Use) -> bool:
     conv (one input channel, 9 values per position) 3/9. The grouped convolution wins once the output
     has a few hundred positions and each position reads more than a 3x3 single-channel window.
     """
-    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or layer.padding_mode != "zeros" \
-            or isinstance(layer.padding, str):
+    if not _zero_padded_conv(layer) or layer.padding == "valid":
         return False
     positions = use.grad[0, 0].numel()
     window = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
@@ -333,8 +328,7 @@ def _unfold_wins(layer: nn.Module, use: _Use) -> bool:
     against 196; the 2D stem's first conv (784 positions, 9 values) 22 against 8. The grouped
     convolution (:func:`_grouped_conv_wins`) is faster than both where it wins.
     """
-    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or layer.groups != 1 \
-            or layer.padding_mode != "zeros" or isinstance(layer.padding, str) or _grouped_conv_wins(layer, use):
+    if not _zero_padded_conv(layer) or layer.groups != 1 or _grouped_conv_wins(layer, use):
         return False
     return layer.in_channels * math.prod(layer.kernel_size) > 9
 
