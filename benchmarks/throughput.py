@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     wall = time.perf_counter()
     figures: list[Figure] = []
-    print(f"Medformer preset {args.model}, {args.threads} threads, {source}, {warmup} warmup + {steps} timed steps "
+    preset = ALIASES.get(args.model, args.model)  # results name the preset, not its alias
+    print(f"Medformer preset {preset}, {args.threads} threads, {source}, {warmup} warmup + {steps} timed steps "
           f"(plain and DP-SGD interleaved), DP-SGD clipping {args.dp_clipping}, physical batch "
           f"{_physical(args.max_physical_batch)}; "
           f"load average {machine['load_average_at_start']}", flush=True)
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarise(figures)
     payload = {
-        "benchmark": "throughput", "preset": ALIASES.get(args.model, args.model), "source": source, "quick": args.quick,
+        "benchmark": "throughput", "preset": preset, "source": source, "quick": args.quick,
         "threads": args.threads, "batch_sizes": {c: b for c, _, _, b in CASES},
         "dp": {"noise_multiplier": DP_NOISE, "max_grad_norm": DP_CLIP, "clipping": args.dp_clipping,
                "max_physical_batch": args.max_physical_batch or None},
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Medformer training throughput" + (" (QUICK MODE: a smoke run, not for the numbers)" * args.quick),
         "", *header_lines(payload),
         f"- torch threads: {args.threads}; load average at end {payload['load_average_at_end']}",
-        f"- data: {source}; model preset `{ALIASES.get(args.model, args.model)}`; AdamW; DP-SGD with {args.dp_clipping} clipping "
+        f"- data: {source}; model preset `{preset}`; AdamW; DP-SGD with {args.dp_clipping} clipping "
         f"({CLIPPING_NOTE[args.dp_clipping]}), noise {DP_NOISE}, clip {DP_CLIP}, physical batch "
         f"{_physical(args.max_physical_batch)}",
         f"- timing: {warmup} warmup + {steps} timed steps per row, plain and DP-SGD steps interleaved; "
