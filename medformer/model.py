@@ -222,15 +222,21 @@ class Body(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim) if own else None
         self.site_norms = None if own else nn.ModuleDict({d: SiteNorms(cfg) for d in datasets})
 
-    def forward(self, x: torch.Tensor, dataset: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dataset: str | None = None, *,
+                hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``hidden``, when given, receives every block's output (the residual stream, before any norm)."""
         if self.site_norms is None:
-            return self.norm(self.blocks(x))
-        if dataset not in self.site_norms:
+            pairs, final = [None] * len(self.blocks), self.norm
+        elif dataset not in self.site_norms:
             raise KeyError(f"no body norms for dataset {dataset!r}; this body has {sorted(self.site_norms)}")
-        norms = self.site_norms[dataset]
-        for block, pair in zip(self.blocks, norms.blocks):
-            x = block(x, (pair[0], pair[1]))
-        return norms.final(x)
+        else:
+            norms = self.site_norms[dataset]
+            pairs, final = [(a, b) for a, b in norms.blocks], norms.final
+        for block, pair in zip(self.blocks, pairs):
+            x = block(x, pair)
+            if hidden is not None:
+                hidden.append(x)
+        return final(x)
 
 
 class TaskHead(nn.Module):
@@ -299,8 +305,21 @@ class Medformer(nn.Module):
         return tokens[:, self.cfg.num_latents :].mean(dim=1)
 
     def embed(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
-        """Image -> pooled representation [B, dim] (what a linear probe sees)."""
+        """Image -> pooled representation [B, dim] (what the pretext heads see)."""
         return self.pool(self.forward_features(x, dataset))
+
+    def probe_features(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
+        """Image -> what a linear probe sees [B, depth * dim]: every body block's patch tokens,
+        layer-normalised (the last block's by the body's own final norm) and mean-pooled, concatenated.
+
+        Chosen on the validation splits over the last block's pooled tokens alone (``embed``): a
+        pretrained body keeps useful features in its middle blocks, as iBOT / DINOv2 read several
+        layers in linear evaluation (numbers in ``benchmarks/results/readout-val/``).
+        """
+        hidden: list[torch.Tensor] = []
+        final = self.body(self.latents[dataset](self.patch_tokens(x, dataset)), dataset, hidden=hidden)
+        inner = [nn.functional.layer_norm(h, h.shape[-1:]) for h in hidden[:-1]]
+        return torch.cat([self.pool(t) for t in (*inner, final)], dim=1)
 
     # ---- Output Adaptformer ----------------------------------------------------------------------
     def forward_head(self, tokens: torch.Tensor, dataset: str) -> torch.Tensor:
@@ -314,6 +333,11 @@ class Medformer(nn.Module):
     def embed_dim(self) -> int:
         """Width of :meth:`embed`'s features."""
         return self.cfg.dim
+
+    @property
+    def probe_dim(self) -> int:
+        """Width of :meth:`probe_features`."""
+        return self.cfg.depth * self.cfg.dim
 
     def fine_tune_parts(self, dataset: str, *, seed: int = 0) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Prepare to fine-tune on ``dataset``: its head (a fresh one, seeded, if it has none) and the

@@ -3,7 +3,7 @@ array of images, in ``medmnist.evaluator``'s ``y_score`` format, and the CSV ``m
 writes (one row per image: its index, then one score per column, no header).
 
 The scores are computed as the evaluation that reported the model's metrics computed them
-(``medformer.eval``: the head's scores in eval mode, or the probe on the pooled features), so the
+(``medformer.eval``: the head's scores in eval mode, or the probe on its features), so the
 official metrics of a saved CSV are the reported ones.
 """
 from __future__ import annotations
@@ -41,8 +41,12 @@ def score_split(model: Medformer, split: MedMNISTSplit, dataset: str, *, batch_s
                         f"(medfl finetune MODEL_DIR --dataset {dataset})")
     model.eval()
     if kind == "linear_probe":
-        feats = extract_features(model, split, dataset, batch_size=batch_size or PROBE_BATCH)
-        return probes_of(model)[dataset].scores(feats)
+        probe = probes_of(model)[dataset]
+        if probe.weight.shape[1] != model.probe_dim:  # fitted on another read-out (before every block was read)
+            raise DataError(f"the {dataset} linear probe reads {probe.weight.shape[1]} features but this model's "
+                            f"probe features have {model.probe_dim}; refit it (medfl finetune MODEL_DIR --dataset "
+                            f"{dataset} --linear-probe)")
+        return probe.scores(extract_features(model, split, dataset, batch_size=batch_size or PROBE_BATCH))
     return predict_scores(model, split, dataset, get_info(dataset).task, batch_size=batch_size or HEAD_BATCH)
 
 

@@ -72,7 +72,7 @@ def use_lines(model_dir_hint: str, dataset_hint: str) -> list[str]:
             f"medfl predict finetuned --dataset {dataset_hint} --split test --out preds.csv",
             "```", "", "```python", "import medformer",
             f"model = medformer.load_pretrained({model_dir_hint!r})       # pure PyTorch; device='cuda' for a GPU",
-            f"features = model.embed(images, {dataset_hint!r})        # [B, C, H, W] in [-1, 1] -> [B, dim]",
+            f"features = model.probe_features(images, {dataset_hint!r})  # [B, C, H, W] in [-1, 1] -> [B, depth * dim]",
             "```", ""]
 
 
@@ -112,8 +112,8 @@ def federation_card(*, config: dict[str, Any], scenario: dict[str, Any], state: 
     if downstream:
         lines += [f"## Downstream evaluation (round {downstream_round}; central, official MedMNIST metrics, test split)",
                   "", "The run's `summary.json` table: `linear_probe` = a logistic regression on the frozen "
-                  "encoder's pooled features (C chosen on val), `random_init` = the same probe on an untrained "
-                  "Medformer, `fine_tune` = end-to-end (epoch chosen on val).", "", *downstream_table(downstream), ""]
+                  "encoder's features (every body block's pooled tokens; C chosen on val), `random_init` = the same "
+                  "probe on an untrained Medformer, `fine_tune` = end-to-end (epoch chosen on val).", "", *downstream_table(downstream), ""]
     else:
         lines += ["## Downstream evaluation", "", f"The run did not evaluate round {round_} centrally.", ""]
     lines += ["## What the model holds (sharing scopes)", "", *scopes_table(config["scopes"]), "",

@@ -226,21 +226,73 @@ def test_rows_that_read_no_pretraining_keep_their_fingerprint_under_another_pret
     assert {m for m in METHODS if architecture[m] == base[m]} == {"cnn_scratch"}
 
 
-def test_a_row_of_the_whole_experiment_fingerprint_is_restamped_and_reused(tmp_path, real_data_dir):
-    """Rows written before per-row fingerprints are found, appended again under their own, and then
-    survive a change of pretext."""
+def test_a_new_probe_read_out_changes_exactly_the_probed_rows_fingerprints(tmp_path, monkeypatch):
+    from benchmarks.quality import experiment
+    from benchmarks.quality.experiment import PRESETS, PROBED, Experiment
+
+    exp = Experiment("full", PRESETS["full"], ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
+    before = {m: exp.row_fingerprint(m) for m in METHODS}
+    base = {m: exp.row_fingerprint(m, probe=False) for m in METHODS}
+    monkeypatch.setattr(experiment, "PROBE_READOUT", "the last block only")
+    after = {m: exp.row_fingerprint(m) for m in METHODS}
+    assert {m for m in METHODS if after[m] != before[m]} == set(PROBED)
+    assert {m: exp.row_fingerprint(m, probe=False) for m in METHODS} == base
+    assert {m for m in METHODS if base[m] == before[m]} == set(METHODS) - set(PROBED)
+
+
+@pytest.mark.slow
+def test_a_new_probe_read_out_refits_the_probe_and_keeps_the_federated_fine_tune(tmp_path, real_data_dir):
+    """Rows written under another read-out (here: as the version before read-outs were fingerprinted
+    wrote them) are re-probed; the federated row takes their fine-tune and carries their compute."""
     from benchmarks.quality.experiment import PRESETS, Experiment
 
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--seeds", "0", "--threads", "1",
-           "--datasets", "breastmnist", "--methods", "random_init", "--split", "val", "--no-report",
+           "--datasets", "breastmnist", "--methods", "random_init,federated", "--split", "val", "--no-report",
+           "--data-dir", str(real_data_dir), "--out", str(out)]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    jsonl = out / "quality-quick-val.jsonl"
+    exp = Experiment("quick", PRESETS["quick"], ["breastmnist"], str(real_data_dir), out, split="val")
+    rows = {r["method"]: r for r in read_rows(jsonl)}
+    assert "fine_tune" in rows["federated"]["metrics"]
+    older = []
+    for m, r in rows.items():
+        r = {k: v for k, v in r.items() if k != "base_fingerprint"}
+        r["fingerprint"] = exp.row_fingerprint(m, probe=False)
+        r["metrics"]["linear_probe"]["seconds"] = 1.0
+        r["seconds"] = 1000.0
+        older.append(r)
+    older[-1]["metrics"]["fine_tune"] = {"auc": 0.123, "acc": 0.456}  # marks the fine-tune to be taken
+    assert older[-1]["method"] == "federated"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in older))
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "2 to run" in again.stderr, again.stderr[-3000:]
+    new = {r["method"]: r for r in read_rows(jsonl)[2:]}
+    assert set(new) == {"random_init", "federated"}
+    for m, r in new.items():
+        assert r["fingerprint"] == exp.row_fingerprint(m) != exp.row_fingerprint(m, probe=False)
+        assert r["reprobed"]["seconds_carried"] == pytest.approx(999.0) and r["seconds"] >= 999.0
+        assert r["metrics"]["linear_probe"]["auc"] == pytest.approx(rows[m]["metrics"]["linear_probe"]["auc"])
+    assert new["federated"]["metrics"]["fine_tune"] == {"auc": 0.123, "acc": 0.456}
+
+
+def test_a_row_of_the_whole_experiment_fingerprint_is_restamped_and_reused(tmp_path, real_data_dir):
+    """Rows written before per-row fingerprints are found, appended again under their own, and then
+    survive a change of pretext (rows without a probe: a probed row's probe is refitted instead)."""
+    from benchmarks.quality.experiment import PRESETS, Experiment
+
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--seeds", "0", "--threads", "1",
+           "--datasets", "breastmnist", "--methods", "cnn_scratch", "--split", "val", "--no-report",
            "--data-dir", str(real_data_dir), "--out", str(out)]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     jsonl = out / "quality-quick-val.jsonl"
     (row,) = read_rows(jsonl)
     exp = Experiment("quick", PRESETS["quick"], ["breastmnist"], str(real_data_dir), out, split="val")
-    assert row["fingerprint"] == exp.row_fingerprint("random_init") != exp.fingerprint
+    assert row["fingerprint"] == exp.row_fingerprint("cnn_scratch") != exp.fingerprint
     jsonl.write_text(json.dumps({**row, "fingerprint": exp.fingerprint}) + "\n")  # as an older version wrote it
 
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -203,11 +203,29 @@ def test_extract_features_shape_and_mode_restored(synth_dir) -> None:
     model = _model("breastmnist")
     model.train()
     feats = extract_features(model, sp["val"], "breastmnist", batch_size=7)  # several batches
-    assert feats.shape == (48, model.cfg.dim) and feats.dtype == np.float32
+    assert feats.shape == (48, model.probe_dim) and feats.dtype == np.float32
     assert model.training
     with torch.no_grad():
-        ref = model.eval().embed(sp["val"].batch(slice(0, 5))[0], "breastmnist").numpy()
+        ref = model.eval().probe_features(sp["val"].batch(slice(0, 5))[0], "breastmnist").numpy()
     np.testing.assert_allclose(feats[:5], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("site_norms", [False, True])
+def test_probe_features_are_every_block_pooled_the_last_as_embed(site_norms) -> None:
+    torch.manual_seed(0)
+    cfg = make_config("tiny", depth=3, site_norms=site_norms)
+    model = build_medformer(cfg, ["breastmnist"], downstream_heads=False).eval()
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        feats = model.probe_features(x, "breastmnist")
+        hidden: list[torch.Tensor] = []
+        model.body(model.latents["breastmnist"](model.patch_tokens(x, "breastmnist")), "breastmnist", hidden=hidden)
+        first = torch.nn.functional.layer_norm(hidden[0], (cfg.dim,))[:, cfg.num_latents:].mean(1)
+        embed = model.embed(x, "breastmnist")
+    assert feats.shape == (4, model.probe_dim) == (4, 3 * cfg.dim) and len(hidden) == 3
+    torch.testing.assert_close(feats[:, -cfg.dim:], embed)  # the last block through the body's own norm
+    torch.testing.assert_close(feats[:, :cfg.dim], first)
+    assert not torch.allclose(feats[:, cfg.dim:2 * cfg.dim], feats[:, :cfg.dim])  # each block its own part
 
 
 def test_linear_probe_learns_binary_signal_and_is_deterministic(synth_dir) -> None:
@@ -433,3 +451,19 @@ def test_linear_probe_random_tiny_model_on_real_breastmnist(real_data_dir) -> No
     assert res["n_train"] == get_info("breastmnist").n_samples["train"]
     for key in ("auc", "acc", "val_auc"):
         assert 0.0 <= res[key] <= 1.0, (key, res)
+
+
+def test_a_probe_fitted_on_another_read_out_is_refused_by_name(synth_dir) -> None:
+    from medformer.data import DataError
+    from medformer.eval.probe_head import LinearProbe
+    from medformer.predict import score_split
+    from medformer.pretrained import attach_probe
+
+    sp = _splits(synth_dir, "breastmnist")
+    torch.manual_seed(0)
+    model = build_medformer(make_config("tiny", depth=2), ["breastmnist"], downstream_heads=False)
+    attach_probe(model, "breastmnist", LinearProbe(model.cfg.dim, 2))  # the width of the last block alone
+    with pytest.raises(DataError, match=r"breastmnist linear probe reads 32 features .* have 64; refit"):
+        score_split(model, sp["test"], "breastmnist")
+    attach_probe(model, "breastmnist", LinearProbe(model.probe_dim, 2))
+    assert score_split(model, sp["test"], "breastmnist").shape == (len(sp["test"]), 2)

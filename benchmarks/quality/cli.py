@@ -49,7 +49,7 @@ import torch
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, DATASETS, RESULTS, command_line, fmt_seconds, load_average,
                                machine_info, now, write_atomic, write_result)
-from benchmarks.quality.experiment import (METHODS, PRESETS, PRETRAINED, QUICK_LABEL, SPLITS, Experiment,
+from benchmarks.quality.experiment import (METHODS, PRESETS, PRETRAINED, PROBED, QUICK_LABEL, SPLITS, Experiment,
                                            append_row, read_rows, with_overrides)
 from benchmarks.quality.plan import plan
 from benchmarks.quality.plot import plot_quality
@@ -170,17 +170,24 @@ def main(argv: list[str] | None = None) -> int:
                          method, dataset, seed)
                 continue
             t0 = time.perf_counter()
+            earlier = earlier_probe_row(jsonl, exp, method, dataset, seed)
             try:
-                metrics = exp.run_row(method, dataset, seed)
+                metrics = exp.run_row(method, dataset, seed,
+                                      earlier_fine_tune=earlier["metrics"].get("fine_tune") if earlier else None)
             except KeyboardInterrupt:
                 interrupted = True
                 log.warning("interrupted; the rows done are saved in %s; rerun the same command to continue", jsonl)
                 break
-            row = {"fingerprint": fingerprints[method], "preset": preset_name, "split": args.split,
-                   "method": method, "dataset": dataset, "seed": seed,
+            row = {"fingerprint": fingerprints[method], "base_fingerprint": exp.row_fingerprint(method, probe=False),
+                   "preset": preset_name, "split": args.split, "method": method, "dataset": dataset, "seed": seed,
                    "overrides": {"set": args.set, "dp_set": args.dp_set, "ft": args.ft, "rounds": args.rounds},
                    "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),
                    "threads": torch.get_num_threads(), "load_average": load_average(), "finished_at": now()}
+            if earlier:
+                carried = earlier["seconds"] - earlier["metrics"]["linear_probe"].get("seconds", 0.0)
+                row["seconds"] = round(row["seconds"] + carried, 3)
+                row["reprobed"] = {"fingerprint": earlier["fingerprint"], "finished_at": earlier.get("finished_at"),
+                                   "seconds_carried": round(carried, 3)}
             append_row(jsonl, row)
             cells = " ".join(f"{k} auc {v['auc']:.3f}" for k, v in metrics.items() if isinstance(v, dict) and "auc" in v)
             log.info("[%d/%d] %s %s seed %d: %s (%s)", i, len(todo), method, dataset, seed, cells,
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     complete = expected <= mine.keys()
     summary = summarize(rows, datasets)
     compute = {"rows (sum of row wall times)": sum(r["seconds"] for r in rows)}
-    cache = out / "cache" / f"quality-{preset_name}-{exp.pretrain_fingerprint}"
+    cache = exp.pretrained_path("federated", 0).parent
     for method in PRETRAINED:
         secs = [json.loads(torch.load(f, weights_only=True)["log"]).get("seconds", 0.0)
                 for f in sorted(cache.glob(f"{method}-seed*.pt"))]
@@ -235,6 +242,23 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
+def earlier_probe_row(jsonl: Path, exp: Experiment, method: str, dataset: str, seed: int) -> dict[str, Any] | None:
+    """The latest row of the same experiment whose linear probe had another read-out (``PROBED`` rows).
+
+    A new read-out re-fits the probe only: the row takes that row's federated fine-tune (which no
+    probe touches) and carries its compute other than the probe (pretraining, fine-tune) in its
+    ``seconds``, so the summed row time stays what the results cost.
+    """
+    if method not in PROBED:
+        return None
+    base = exp.row_fingerprint(method, probe=False)
+    found = [r for r in read_rows(jsonl)
+             if (r.get("method"), r.get("dataset"), r.get("seed")) == (method, dataset, seed)
+             and r.get("base_fingerprint", r.get("fingerprint")) == base
+             and r.get("fingerprint") != exp.row_fingerprint(method) and "linear_probe" in r.get("metrics", {})]
+    return found[-1] if found else None
+
+
 def stored_rows(jsonl: Path, exp: Experiment, fingerprints: dict[str, str], *, restamp: bool = False,
                 report: bool = False) -> dict[tuple[str, str, int], dict[str, Any]]:
     """This experiment's rows in ``jsonl``, by (method, dataset, seed). Read again before every row
@@ -249,7 +273,7 @@ def stored_rows(jsonl: Path, exp: Experiment, fingerprints: dict[str, str], *, r
             if r.get("method") in fingerprints and r.get("fingerprint") == fingerprints[r["method"]]}
     for r in rows_all:
         key = (r.get("method"), r.get("dataset"), r.get("seed"))
-        if (r.get("fingerprint") == exp.fingerprint and key[0] in fingerprints
+        if (r.get("fingerprint") == exp.fingerprint and key[0] in fingerprints and key[0] not in PROBED
                 and fingerprints[key[0]] != exp.fingerprint and key not in mine):
             mine[key] = {**r, "fingerprint": fingerprints[key[0]], "restamped_from": exp.fingerprint}
             if restamp:

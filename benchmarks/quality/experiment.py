@@ -27,7 +27,7 @@ from client.round import train_round
 from config import Scenario, ScenarioError, load_scenario
 from medformer.baselines import small_cnn
 from medformer.data import AUGMENTATIONS, MedMNISTSplit, load_splits
-from medformer.eval import RECIPE, fine_tune, linear_probe, random_init_reference, recipe_epochs
+from medformer.eval import PROBE_READOUT, RECIPE, fine_tune, linear_probe, random_init_reference, recipe_epochs
 from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.seeding import round_seed
@@ -43,6 +43,8 @@ METHODS: tuple[str, ...] = ("random_init", "local_only", "federated", "centraliz
 PRETRAINED = ("local_only", "federated", "centralized", "dp_federated")
 # Rows that read no pretraining: the federation's pretext and training do not touch their numbers.
 PRETEXT_FREE = ("random_init", "supervised_scratch", "cnn_scratch")
+# Rows that fit a linear probe: they hang on its read-out (``medformer.eval.PROBE_READOUT``) too.
+PROBED = ("random_init", *PRETRAINED)
 # Preset fields that only pretraining (and the rows built on it) read.
 PRETRAINING_FIELDS = ("scenario", "sets", "dp_sets", "federated_fine_tune", "label_fractions")
 SPLITS = ("test", "val")
@@ -236,7 +238,7 @@ class Experiment:
         return _digest({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets, "split": self.split,
                         "scenario": self.scenario.to_dict(), "model": dataclasses.asdict(self.cfg)})
 
-    def row_fingerprint(self, method: str) -> str:
+    def row_fingerprint(self, method: str, *, probe: bool = True) -> str:
         """The fingerprint a row of ``method`` is stored and found under.
 
         A row that reads no pretraining (``PRETEXT_FREE``) hangs on the fine-tune / probe recipe, the
@@ -244,18 +246,25 @@ class Experiment:
         federation or the other hospitals. Choosing another pretext then keeps those rows, the
         small CNN's 3D fine-tunes above all. Every other row hangs on the whole experiment; the DP row
         on its resolved scenario as well, so that a changed privacy default (clip norm, accountant)
-        reruns it.
+        reruns it. A row with a linear probe (``PROBED``) hangs on the probe's read-out as well;
+        ``probe=False`` gives its fingerprint without it: a row under that one holds what a new
+        read-out leaves alone (the federated fine-tune, the pretraining's compute).
         """
         if method == "dp_federated":
-            return _digest({"experiment": self.fingerprint, "dp": self.dp_scenario.to_dict()})
-        if method not in PRETEXT_FREE:
-            return self.fingerprint
-        recipe = {k: v for k, v in dataclasses.asdict(self.preset).items() if k not in PRETRAINING_FIELDS}
-        blob: dict[str, Any] = {"method": method, "recipe": recipe, "split": self.split}
-        if method == "cnn_scratch":  # its layers, in 2D and 3D
-            blob["model"] = [repr(small_cnn(d)) for d in ("breastmnist", "adrenalmnist3d")]
+            blob: dict[str, Any] = {"experiment": self.fingerprint, "dp": self.dp_scenario.to_dict()}
+        elif method in PRETEXT_FREE:
+            recipe = {k: v for k, v in dataclasses.asdict(self.preset).items() if k not in PRETRAINING_FIELDS}
+            blob = {"method": method, "recipe": recipe, "split": self.split}
+            if method == "cnn_scratch":  # its layers, in 2D and 3D
+                blob["model"] = [repr(small_cnn(d)) for d in ("breastmnist", "adrenalmnist3d")]
+            else:
+                blob["model"] = dataclasses.asdict(self.cfg)
+        elif method in PROBED and probe:
+            blob = {"experiment": self.fingerprint}
         else:
-            blob["model"] = dataclasses.asdict(self.cfg)
+            return self.fingerprint
+        if method in PROBED and probe:
+            blob["probe_readout"] = PROBE_READOUT
         return _digest(blob)
 
     def describe(self) -> dict[str, Any]:
@@ -302,13 +311,17 @@ class Experiment:
             return build_medformer(self.cfg, [(dataset, 28)], downstream_heads=False)
 
     # ---- pretraining ------------------------------------------------------------------------------
+    def pretrained_path(self, method: str, seed: int) -> Path:
+        """Where the pretraining of ``method`` and ``seed`` is cached."""
+        return self.out / "cache" / f"quality-{self.preset_name}-{self.pretrain_fingerprint}" / f"{method}-seed{seed}.pt"
+
     def pretrained(self, method: str, seed: int) -> Pretrained:
         key = (method, seed)
         if key in self._pretrained:
             return self._pretrained[key]
         for other in [k for k in self._pretrained if k[1] != seed]:  # keep one seed's weights in memory
             del self._pretrained[other]
-        path = self.out / "cache" / f"quality-{self.preset_name}-{self.pretrain_fingerprint}" / f"{method}-seed{seed}.pt"
+        path = self.pretrained_path(method, seed)
         if path.exists():
             blob = torch.load(path, weights_only=True)
             pre = Pretrained(blob["states"], json.loads(blob["log"]))
@@ -404,7 +417,10 @@ class Experiment:
         return {k: state[k].clone() for k in keys}
 
     # ---- rows -------------------------------------------------------------------------------------
-    def run_row(self, method: str, dataset: str, seed: int) -> dict[str, Any]:
+    def run_row(self, method: str, dataset: str, seed: int, *,
+                earlier_fine_tune: dict[str, float] | None = None) -> dict[str, Any]:
+        """One row's metrics. ``earlier_fine_tune``: the federated fine-tune of this experiment's row
+        with another probe read-out (``row_fingerprint(probe=False)``), taken instead of redone."""
         p = self.preset
         splits = self.splits(dataset)
         cap = p.max_train_examples
@@ -436,7 +452,7 @@ class Experiment:
         if pre.log.get("privacy", {}).get(dataset):
             out["privacy"] = pre.log["privacy"][dataset]
         if method == "federated" and p.federated_fine_tune:
-            out["fine_tune"] = all_labels(model)
+            out["fine_tune"] = dict(earlier_fine_tune) if earlier_fine_tune else all_labels(model)
         return out
 
 

@@ -1,4 +1,4 @@
-"""What a Medformer says about a whole split: pooled encoder features and downstream head scores,
+"""What a Medformer says about a whole split: its linear-probe features and downstream head scores,
 in batches sized so a 3D split never needs more than 64 MiB of input at once."""
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def device_of(model: nn.Module) -> torch.device:
 def extract_features(
     model: Medformer, split: MedMNISTSplit, dataset: str, *, batch_size: int = 512
 ) -> np.ndarray:
-    """Pooled encoder features of a whole split, in eval mode (the model's mode is restored).
+    """What a linear probe sees of a whole split (``Medformer.probe_features``), in eval mode (the
+    model's mode is restored).
 
     Args:
         model: a Medformer built for ``dataset``.
@@ -37,17 +38,17 @@ def extract_features(
         batch_size: images per forward pass; lowered for large 3D volumes.
 
     Returns:
-        float32 ``(N, dim)``.
+        float32 ``(N, model.probe_dim)``.
     """
     was_training = model.training
     model.eval()
     device = device_of(model)
     bs = _batch_size_for(split, batch_size)
-    out = np.empty((len(split), model.embed_dim), dtype=np.float32)
+    out = np.empty((len(split), model.probe_dim), dtype=np.float32)
     try:
         for start in range(0, len(split), bs):
             x, _ = split.batch(slice(start, start + bs), device=device)  # [B, C, *S] in [-1, 1]
-            out[start : start + x.shape[0]] = model.embed(x, dataset).float().cpu().numpy()
+            out[start : start + x.shape[0]] = model.probe_features(x, dataset).float().cpu().numpy()
     finally:
         model.train(was_training)
     return out

@@ -1,7 +1,7 @@
 """A fitted linear probe as a torch module, so that it travels with an exported Medformer.
 
 ``medformer.eval.linear_probe(..., return_probe=True)`` gives the probe it chose: the train statistics
-that standardise the pooled features, and the affine map whose softmax (sigmoid for multi-label) is
+that standardise the probe's features (``Medformer.probe_features``), and the affine map whose softmax (sigmoid for multi-label) is
 the logistic regression's ``predict_proba``. Kept in float64, as the probe computed its scores.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from torch import nn
 
 
 class LinearProbe(nn.Module):
-    """Pooled features [B, dim] -> standardised -> logits [B, C]; ``scores`` in medmnist's format.
+    """Probe features [B, dim] -> standardised -> logits [B, C]; ``scores`` in medmnist's format.
 
     Args:
-        dim: width of the pooled features (``Medformer.embed``).
+        dim: width of the features (``Medformer.probe_dim``).
         num_outputs: C, the score columns (classes, or labels for multi-label).
         activation: ``softmax`` (binary, multi-class, ordinal: class probabilities) or ``sigmoid``
             (multi-label: one probability per label).
