@@ -37,13 +37,14 @@ from medformer.model import Medformer
 log = logging.getLogger("benchmarks.probe_readout")
 
 METHODS = ("random_init", "local_only", "federated", "centralized", "dp_federated")
-#: Read-out -> the pooled parts it concatenates (``block<i>`` for i < depth - 1; ``final`` is the last block).
+#: Read-out -> the pooled parts it concatenates: ``block*`` = every block but the last (``block<i>``,
+#: i < depth - 1), ``penultimate`` = the block before the last; ``final`` is the last block.
 READOUTS: dict[str, tuple[str, ...]] = {
     "final": ("final",),
     "final+latents": ("final", "latents"),
     "final+stem": ("final", "stem"),
     "final+max": ("final", "final_max"),
-    "last two blocks": ("block-2", "final"),
+    "last two blocks": ("penultimate", "final"),
     "every block": ("block*", "final"),
     "stem+every block": ("stem", "block*", "final"),
 }
@@ -73,7 +74,7 @@ def _columns(readout: tuple[str, ...], parts: dict[str, np.ndarray]) -> np.ndarr
     blocks = sorted((k for k in parts if k.startswith("block")), key=lambda k: int(k[5:]))
     names: list[str] = []
     for p in readout:
-        names += blocks if p == "block*" else ([blocks[int(p[5:])]] if p.startswith("block-") else [p])
+        names += blocks if p == "block*" else (blocks[-1:] if p == "penultimate" else [p])
     return np.concatenate([parts[n] for n in names], axis=1)
 
 

@@ -73,7 +73,8 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
                        + fmt_ms(s["label_efficiency"][d].get("random@0.1"))])
     lines += [md_table(["dataset"] + [n for _, n in cols] + ["ResNet-18 (MedMNIST v2)", "fed − local (LP)",
                                                              "10% labels: fed vs random (FT)"], rows), ""]
-    lines += [f"LP = linear probe on the frozen encoder, FT = fine-tune. ResNet-18 = ResNet-18 (28) in 2D, "
+    lines += [f"LP = linear probe on the frozen encoder (every body block's pooled patch tokens, "
+              f"`Medformer.probe_features`), FT = fine-tune. ResNet-18 = ResNet-18 (28) in 2D, "
               f"ResNet-18+3D in 3D ({ANCHOR_SOURCE}). Federated = keyed FedAvg over the five hospitals, run "
               "in-process on the product's own code: every round each site runs `client.round.train_round` (what "
               "its ClientApp runs) and the server combines the replies with `server.rounds.Aggregator` (what "

@@ -7,6 +7,7 @@ from typing import Any
 
 from benchmarks.common import ANCHOR_SOURCE, ANCHORS, fmt_ms, fmt_seconds, header_lines, md_table, mean_std
 from benchmarks.quality.experiment import METHODS, QUICK_LABEL
+from medformer.eval import PROBE_READOUT
 
 
 #: The table's columns: name -> (method, evaluation).
@@ -269,8 +270,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
         lines += [f"## {where} {metric.upper()}", ""]
         rows = [[d] + [fmt_ms(s["table"][d][c][metric]) for c, _ in cols] + [f"{ANCHORS[d][metric]:.3f}"] for d in ds]
         lines += [md_table(["dataset"] + [n for _, n in cols] + ["MedMNIST v2 ResNet-18 (test)"], rows), ""]
-    lines += [f"ResNet-18 = ResNet-18 (28) in 2D, ResNet-18+3D in 3D; {ANCHOR_SOURCE}. LP = linear probe, "
-              "FT = fine-tune. DP epsilon reached per site: "
+    lines += [f"ResNet-18 = ResNet-18 (28) in 2D, ResNet-18+3D in 3D; {ANCHOR_SOURCE}. LP = linear probe (read-out: "
+              f"{PROBE_READOUT}), FT = fine-tune. DP epsilon reached per site: "
               + ", ".join(f"{d} {fmt_ms(s['dp_epsilon'][d], 2)}" for d in ds) + ".", ""]
     fr = s["fractions"]
     lines += [f"## Label efficiency (fine-tune {where.lower()} AUC; validation subsampled like train)", ""]
