@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     exp = Experiment("full", PRESETS["full"], list(DATASETS), str(resolve_data_dir(args.data_dir)), args.results,
                      split="val")
     path = args.out / "rows.jsonl"
-    done = {(r["method"], r["dataset"], r["seed"]) for r in read_rows(path) if r["fingerprint"] == exp.pretrain_fingerprint}
+    done = {(r["method"], r["dataset"], r["seed"]) for r in read_rows(path)
+            if r["fingerprint"] == exp.pretrain_fingerprint}
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in METHODS:
             cached = exp.pretrained_path(method, seed)

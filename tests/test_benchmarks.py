@@ -240,20 +240,25 @@ def test_a_new_probe_read_out_changes_exactly_the_probed_rows_fingerprints(tmp_p
     assert {m for m in METHODS if base[m] == before[m]} == set(METHODS) - set(PROBED)
 
 
-@pytest.mark.slow
-def test_a_new_probe_read_out_refits_the_probe_and_keeps_the_federated_fine_tune(tmp_path, real_data_dir):
-    """Rows written under another read-out (here: as the version before read-outs were fingerprinted
-    wrote them) are re-probed; the federated row takes their fine-tune and carries their compute."""
+def _quick_val_rows(tmp_path: Path, data_dir: Path, methods: str):
+    """A quick validation run of ``methods`` on breast: (its output folder, its Experiment, the command)."""
     from benchmarks.quality.experiment import PRESETS, Experiment
 
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--seeds", "0", "--threads", "1",
-           "--datasets", "breastmnist", "--methods", "random_init,federated", "--split", "val", "--no-report",
-           "--data-dir", str(real_data_dir), "--out", str(out)]
+           "--datasets", "breastmnist", "--methods", methods, "--split", "val", "--no-report",
+           "--data-dir", str(data_dir), "--out", str(out)]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
+    return out, Experiment("quick", PRESETS["quick"], ["breastmnist"], str(data_dir), out, split="val"), cmd
+
+
+@pytest.mark.slow
+def test_a_new_probe_read_out_refits_the_probe_and_keeps_the_federated_fine_tune(tmp_path, real_data_dir):
+    """Rows written under another read-out (here: as the version before read-outs were fingerprinted
+    wrote them) are re-probed; the federated row takes their fine-tune and carries their compute."""
+    out, exp, cmd = _quick_val_rows(tmp_path, real_data_dir, "random_init,federated")
     jsonl = out / "quality-quick-val.jsonl"
-    exp = Experiment("quick", PRESETS["quick"], ["breastmnist"], str(real_data_dir), out, split="val")
     rows = {r["method"]: r for r in read_rows(jsonl)}
     assert "fine_tune" in rows["federated"]["metrics"]
     older = []
@@ -281,17 +286,9 @@ def test_a_new_probe_read_out_refits_the_probe_and_keeps_the_federated_fine_tune
 def test_a_row_of_the_whole_experiment_fingerprint_is_restamped_and_reused(tmp_path, real_data_dir):
     """Rows written before per-row fingerprints are found, appended again under their own, and then
     survive a change of pretext (rows without a probe: a probed row's probe is refitted instead)."""
-    from benchmarks.quality.experiment import PRESETS, Experiment
-
-    out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--seeds", "0", "--threads", "1",
-           "--datasets", "breastmnist", "--methods", "cnn_scratch", "--split", "val", "--no-report",
-           "--data-dir", str(real_data_dir), "--out", str(out)]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
+    out, exp, cmd = _quick_val_rows(tmp_path, real_data_dir, "cnn_scratch")
     jsonl = out / "quality-quick-val.jsonl"
     (row,) = read_rows(jsonl)
-    exp = Experiment("quick", PRESETS["quick"], ["breastmnist"], str(real_data_dir), out, split="val")
     assert row["fingerprint"] == exp.row_fingerprint("cnn_scratch") != exp.fingerprint
     jsonl.write_text(json.dumps({**row, "fingerprint": exp.fingerprint}) + "\n")  # as an older version wrote it
 

@@ -313,7 +313,8 @@ class Experiment:
     # ---- pretraining ------------------------------------------------------------------------------
     def pretrained_path(self, method: str, seed: int) -> Path:
         """Where the pretraining of ``method`` and ``seed`` is cached."""
-        return self.out / "cache" / f"quality-{self.preset_name}-{self.pretrain_fingerprint}" / f"{method}-seed{seed}.pt"
+        folder = self.out / "cache" / f"quality-{self.preset_name}-{self.pretrain_fingerprint}"
+        return folder / f"{method}-seed{seed}.pt"
 
     def pretrained(self, method: str, seed: int) -> Pretrained:
         key = (method, seed)

@@ -1,6 +1,7 @@
 """Linear evaluation of a frozen encoder (the protocol of SimCLR / MAE linear evaluation): standardised
-features (``Medformer.probe_features``: every body block's pooled patch tokens), L2 logistic regression
-with its strength chosen on the validation split; and the same probe on an untrained Medformer (``random_init``)."""
+features (``Medformer.probe_features``: every body block's pooled patch tokens), L2 logistic
+regression with its strength chosen on the validation split; and the same probe on an untrained
+Medformer (``random_init``)."""
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ from medformer.model import DatasetRef, Medformer, MedformerConfig, build_medfor
 log = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
-#: What the probe reads (``Medformer.probe_features``); results record it, so that a new read-out re-scores them.
+#: What the probe reads (``Medformer.probe_features``); benchmark rows hang on it, so a new read-out re-scores them.
 PROBE_READOUT = "every body block's patch tokens, layer-normalised and mean-pooled, concatenated"
 
 def _fit_logreg(x: np.ndarray, y: np.ndarray, task: str, n_classes: int, c: float
@@ -113,9 +114,9 @@ def linear_probe(
 ) -> dict[str, Any]:
     """Linear evaluation of the frozen encoder.
 
-    Features (``Medformer.probe_features``) are standardised with train statistics; an L2 logistic regression (multinomial for
-    multi-class and ordinal, one per label for multi-label) is fitted for each ``C`` in ``Cs`` and
-    the one with the best validation AUC is scored on test.
+    Features (``Medformer.probe_features``) are standardised with train statistics; an L2 logistic
+    regression (multinomial for multi-class and ordinal, one per label for multi-label) is fitted for
+    each ``C`` in ``Cs`` and the one with the best validation AUC is scored on test.
 
     Args:
         model: Medformer built for ``dataset`` (not modified).

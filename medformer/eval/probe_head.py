@@ -1,8 +1,9 @@
 """A fitted linear probe as a torch module, so that it travels with an exported Medformer.
 
 ``medformer.eval.linear_probe(..., return_probe=True)`` gives the probe it chose: the train statistics
-that standardise the probe's features (``Medformer.probe_features``), and the affine map whose softmax (sigmoid for multi-label) is
-the logistic regression's ``predict_proba``. Kept in float64, as the probe computed its scores.
+that standardise its features (``Medformer.probe_features``), and the affine map whose softmax
+(sigmoid for multi-label) is the logistic regression's ``predict_proba``. Kept in float64, as the
+probe computed its scores.
 """
 from __future__ import annotations
 
