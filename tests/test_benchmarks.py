@@ -373,3 +373,24 @@ def test_the_dp_row_follows_its_resolved_privacy_settings(tmp_path):
     exp.dp_scenario = dataclasses.replace(exp.dp_scenario, privacy=privacy)
     after = {m: exp.row_fingerprint(m) for m in METHODS}
     assert {m for m in METHODS if after[m] != before[m]} == {"dp_federated"}
+
+
+def test_the_read_out_benchmark_s_every_block_is_the_product_s_probe_features(real_data_dir):
+    """What ``benchmarks.probe_readout`` compared as "every block" is what the product's probe reads."""
+    import numpy as np
+    import torch
+
+    from benchmarks.probe_readout import READOUTS, _columns, pooled_parts
+    from medformer.data import load_splits
+    from medformer.eval import extract_features
+    from medformer.model import build_medformer, make_config
+
+    torch.manual_seed(0)
+    model = build_medformer(make_config("tiny", depth=3), ["breastmnist"], downstream_heads=False)
+    split = load_splits("breastmnist", size=28, data_dir=real_data_dir)["val"]
+    parts = pooled_parts(model, split, "breastmnist", batch=32)
+    np.testing.assert_allclose(_columns(READOUTS["every block"], parts), extract_features(model, split, "breastmnist"),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(_columns(READOUTS["last two blocks"], parts),
+                                  np.concatenate([parts["block1"], parts["final"]], axis=1))
+    assert _columns(READOUTS["final"], parts).shape == (len(split), model.cfg.dim)
