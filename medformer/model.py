@@ -312,9 +312,9 @@ class Medformer(nn.Module):
         """Image -> what a linear probe sees [B, depth * dim]: every body block's patch tokens,
         layer-normalised (the last block's by the body's own final norm) and mean-pooled, concatenated.
 
-        Chosen on the validation splits over the last block's pooled tokens alone (``embed``): a
-        pretrained body keeps useful features in its middle blocks, as iBOT / DINOv2 read several
-        layers in linear evaluation (numbers in ``benchmarks/results/readout-val/``).
+        Chosen on the validation splits over the last block's pooled tokens alone (``embed``), as
+        iBOT / DINOv2 read several layers in linear evaluation; the federated probe gained there
+        and held level on test (``benchmarks/results/readout-val/``, ``lastblock-probe-full/``).
         """
         hidden: list[torch.Tensor] = []
         final = self.body(self.latents[dataset](self.patch_tokens(x, dataset)), dataset, hidden=hidden)
