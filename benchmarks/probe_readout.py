@@ -61,10 +61,10 @@ def pooled_parts(model: Medformer, split: MedMNISTSplit, dataset: str, batch: in
         stem = model.patch_tokens(x, dataset)
         hidden: list[torch.Tensor] = []
         final = model.body(model.latents[dataset](stem), dataset, hidden=hidden)
-        parts = {"stem": stem.mean(1), "final": final[:, t:].mean(1), "latents": final[:, :t].mean(1),
+        parts = {"stem": stem.mean(1), "final": model.pool(final), "latents": final[:, :t].mean(1),
                  "final_max": final[:, t:].amax(1)}
         for i, h in enumerate(hidden[:-1]):
-            parts[f"block{i}"] = torch.nn.functional.layer_norm(h, h.shape[-1:])[:, t:].mean(1)
+            parts[f"block{i}"] = model.pool(torch.nn.functional.layer_norm(h, h.shape[-1:]))
         for k, v in parts.items():
             chunks[k].append(v.float().numpy())
     return {k: np.concatenate(v) for k, v in chunks.items()}

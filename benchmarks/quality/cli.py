@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     name = f"quality-{preset_name}" + ("-val" if args.split == "val" else "")
     jsonl = out / f"{name}.jsonl"
     fingerprints = {m: exp.row_fingerprint(m) for m in METHODS}  # once: the CNN's builds two models
+    # What a new probe read-out leaves alone (the same as ``fingerprints`` for rows without a probe).
+    bases = {m: exp.row_fingerprint(m, probe=False) if m in PROBED else fingerprints[m] for m in METHODS}
     mine = stored_rows(jsonl, exp, fingerprints, restamp=not args.summary_only, report=True)
     todo = [(m, d, s) for s in seeds for m in methods for d in scored if (m, d, s) not in mine]
     log.info("quality (%s, fingerprint %s): %d rows done, %d to run; %d threads; data %s", preset_name,
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                          method, dataset, seed)
                 continue
             t0 = time.perf_counter()
-            earlier = earlier_probe_row(jsonl, exp, method, dataset, seed)
+            earlier = earlier_probe_row(jsonl, (method, dataset, seed), fingerprints[method], bases[method])
             try:
                 metrics = exp.run_row(method, dataset, seed,
                                       earlier_fine_tune=earlier["metrics"].get("fine_tune") if earlier else None)
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 interrupted = True
                 log.warning("interrupted; the rows done are saved in %s; rerun the same command to continue", jsonl)
                 break
-            row = {"fingerprint": fingerprints[method], "base_fingerprint": exp.row_fingerprint(method, probe=False),
+            row = {"fingerprint": fingerprints[method], "base_fingerprint": bases[method],
                    "preset": preset_name, "split": args.split, "method": method, "dataset": dataset, "seed": seed,
                    "overrides": {"set": args.set, "dp_set": args.dp_set, "ft": args.ft, "rounds": args.rounds},
                    "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     complete = expected <= mine.keys()
     summary = summarize(rows, datasets)
     compute = {"rows (sum of row wall times)": sum(r["seconds"] for r in rows)}
-    cache = exp.pretrained_path("federated", 0).parent
+    cache = exp.pretrained_cache
     for method in PRETRAINED:
         secs = [json.loads(torch.load(f, weights_only=True)["log"]).get("seconds", 0.0)
                 for f in sorted(cache.glob(f"{method}-seed*.pt"))]
@@ -242,20 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
-def earlier_probe_row(jsonl: Path, exp: Experiment, method: str, dataset: str, seed: int) -> dict[str, Any] | None:
-    """The latest row of the same experiment whose linear probe had another read-out (``PROBED`` rows).
+def earlier_probe_row(jsonl: Path, key: tuple[str, str, int], fingerprint: str, base: str) -> dict[str, Any] | None:
+    """The latest row of ``key`` (method, dataset, seed) of the same experiment (``base``, its
+    fingerprint without the probe) whose linear probe had another read-out (not ``fingerprint``).
 
     A new read-out re-fits the probe only: the row takes that row's federated fine-tune (which no
     probe touches) and carries its compute other than the probe (pretraining, fine-tune) in its
-    ``seconds``, so the summed row time stays what the results cost.
+    ``seconds``, so the summed row time stays what the results cost. A row without a probe has
+    ``base == fingerprint`` and never finds one.
     """
-    if method not in PROBED:
+    if base == fingerprint:
         return None
-    base = exp.row_fingerprint(method, probe=False)
     found = [r for r in read_rows(jsonl)
-             if (r.get("method"), r.get("dataset"), r.get("seed")) == (method, dataset, seed)
+             if (r.get("method"), r.get("dataset"), r.get("seed")) == key
              and r.get("base_fingerprint", r.get("fingerprint")) == base
-             and r.get("fingerprint") != exp.row_fingerprint(method) and "linear_probe" in r.get("metrics", {})]
+             and r.get("fingerprint") != fingerprint and "linear_probe" in r.get("metrics", {})]
     return found[-1] if found else None
 
 

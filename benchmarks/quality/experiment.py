@@ -311,10 +311,14 @@ class Experiment:
             return build_medformer(self.cfg, [(dataset, 28)], downstream_heads=False)
 
     # ---- pretraining ------------------------------------------------------------------------------
+    @property
+    def pretrained_cache(self) -> Path:
+        """The folder this experiment's pretrainings are cached in (one file per method and seed)."""
+        return self.out / "cache" / f"quality-{self.preset_name}-{self.pretrain_fingerprint}"
+
     def pretrained_path(self, method: str, seed: int) -> Path:
         """Where the pretraining of ``method`` and ``seed`` is cached."""
-        folder = self.out / "cache" / f"quality-{self.preset_name}-{self.pretrain_fingerprint}"
-        return folder / f"{method}-seed{seed}.pt"
+        return self.pretrained_cache / f"{method}-seed{seed}.pt"
 
     def pretrained(self, method: str, seed: int) -> Pretrained:
         key = (method, seed)
