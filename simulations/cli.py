@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=1, help="runs per budget, seeds seed..seed+N-1 (default: 1)")
     s.add_argument("--data-dir", help="MedMNIST folder (default: $MEDMNIST_DATA, else ~/.medmnist)")
     s.add_argument("--out", help="output folder (default: runs/<scenario>-sweep-<time>); rerun with the same "
-                                 "folder to continue an interrupted sweep")
+                                 "folder to continue an interrupted sweep, or with more --repeats to add repeats")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario field in every run (repeatable)")
     s.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")

@@ -326,6 +326,13 @@ def _finished(run_dir: Path) -> dict | None:
     return summary if summary.get("rounds_completed") == summary.get("rounds_planned") else None
 
 
+def _extends(saved: dict, plan: dict) -> bool:
+    """The plan is the saved sweep, or the same sweep with more repeats: its finished runs are kept
+    (repeat r is seed + r either way) and only the new repeats run."""
+    same = {k: v for k, v in saved.items() if k != "repeats"} == {k: v for k, v in plan.items() if k != "repeats"}
+    return same and plan["repeats"] >= saved.get("repeats", 0)
+
+
 def run_sweep(config: str | os.PathLike, *, epsilons: list[float], repeats: int = 1, data_dir: str | None = None,
               out: str | os.PathLike | None = None, sets: list[str] | None = None, audit: bool = True,
               progress: bool = True, verbose: bool = False) -> int:
@@ -338,9 +345,9 @@ def run_sweep(config: str | os.PathLike, *, epsilons: list[float], repeats: int 
                    "overrides": sets, "audit": audit}
     if out_dir.exists() and any(out_dir.iterdir()):
         saved = out_dir / PLAN_FILE
-        if not saved.exists() or json.loads(saved.read_text()) != plan_record:
+        if not saved.exists() or not _extends(json.loads(saved.read_text()), plan_record):
             raise SweepError(f"--out {out_dir} is not empty and holds no sweep with these settings; "
-                             "choose another folder")
+                             "choose another folder (more --repeats of the same sweep continue it)")
     # --- inputs are valid: from here on we write ---
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     (out_dir / "logs").mkdir(exist_ok=True)

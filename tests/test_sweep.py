@@ -103,9 +103,16 @@ def test_outputs_from_fake_runs(tmp_path, monkeypatch):
     assert "| breastmnist | 4 | 0.720 ± 0.028 |" in md
     # AUC goes up from epsilon 4 to 1 (by less than twice the spread): the report says where and why
     assert "AUC rises from 0.720 at epsilon 4 to 0.760 at epsilon 1 (+0.040); within the run-to-run spread" in md
-    # A different plan in the same folder is refused.
-    with pytest.raises(sweep.SweepError, match="not empty"):
-        sweep.run_sweep(QUICKSTART_DP, **{**args, "repeats": 1})
+    # A different plan in the same folder is refused, fewer repeats too (they would hide runs).
+    for change in ({"repeats": 1}, {"epsilons": [math.inf, 4.0]}):
+        with pytest.raises(sweep.SweepError, match="not empty"):
+            sweep.run_sweep(QUICKSTART_DP, **{**args, **change})
+    # More repeats of the same sweep continue it: only the new repeat's runs start.
+    aucs.update({("inf", 2): 0.81, ("4", 2): 0.72, ("1", 2): 0.76})
+    assert sweep.run_sweep(QUICKSTART_DP, **{**args, "repeats": 3}) == 0
+    assert calls.count("eps-inf-rep-0") == 1 and calls.count("eps-4-rep-2") == 1
+    assert len(list(csv.DictReader((out / "tradeoff.csv").open()))) == 3 * 2 * 3
+    assert json.loads((out / sweep.PLAN_FILE).read_text())["repeats"] == 3
 
 
 def test_cli_bad_input_is_exit_2_and_writes_nothing(tmp_path, capsys, real_data_dir):
