@@ -41,6 +41,9 @@ class SmallCNN(nn.Module):
                 layers += [conv(c, w, kernel_size=3, padding=1, bias=False), nn.GroupNorm(min(8, w), w), nn.GELU()]
                 c = w
         self.features = nn.Sequential(*layers)
+        # Channels-last: oneDNN's fast conv layout on CPU (same outputs; tests/test_benchmarks.py).
+        self.memory_format = torch.channels_last if ndim == 2 else torch.channels_last_3d
+        self.features.to(memory_format=self.memory_format)
         self.head = nn.Linear(c, self._info.num_outputs)
         self._dim = c
 
@@ -56,7 +59,7 @@ class SmallCNN(nn.Module):
     def embed(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
         """Globally pooled features [B, embed_dim]."""
         self.info(dataset)
-        return self.features(x).flatten(2).mean(-1)
+        return self.features(x.contiguous(memory_format=self.memory_format)).flatten(2).mean(-1)
 
     def forward(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
         return self.head(self.embed(x, dataset))

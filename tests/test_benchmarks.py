@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.common import mean_std
 from benchmarks.quality import METHODS, append_row, read_rows
@@ -394,3 +395,25 @@ def test_the_read_out_benchmark_s_every_block_is_the_product_s_probe_features(re
     np.testing.assert_array_equal(_columns(READOUTS["last two blocks"], parts),
                                   np.concatenate([parts["block1"], parts["final"]], axis=1))
     assert _columns(READOUTS["final"], parts).shape == (len(split), model.cfg.dim)
+
+
+@pytest.mark.parametrize(("flag", "shape"), [("breastmnist", (3, 1, 28, 28)), ("retinamnist", (3, 3, 28, 28)),
+                                             ("adrenalmnist3d", (2, 1, 28, 28, 28))])
+def test_small_cnn_channels_last_computes_what_the_c_order_layout_does(flag, shape):
+    """The baseline's channels-last layout is a speed choice only: same outputs and gradients."""
+    from medformer.baselines import small_cnn
+
+    fast = small_cnn(flag, seed=3)
+    plain = small_cnn(flag, seed=3)
+    plain.memory_format = torch.contiguous_format
+    plain.features.to(memory_format=torch.contiguous_format)
+    assert any(not p.is_contiguous() for p in fast.features.parameters())  # the layout did change
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for model in (fast, plain):
+        out = model(x, flag)
+        out.square().sum().backward()
+        outs.append((out, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    for g_fast, g_plain in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-3, atol=1e-5)
