@@ -18,7 +18,7 @@ from torch import nn
 
 from medformer.data import get_info, load_split
 from synthetic import write_synthetic_npz
-from medformer.dp.clipping import GhostClipper
+from medformer.dp.clipping import GhostClipper, HooksClipping
 from medformer.model import build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model, num_rotations
 from medformer.dp.accounting import PrivacyLedger, plan_dp
@@ -394,3 +394,40 @@ def test_ghost_refuses_buffers_and_unknown_modes() -> None:
         GhostClipper(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), 1.0)
     with pytest.raises(ValueError, match="unknown dp_clipping 'fast'; choose from ghost, hooks"):
         TrainingSpec(dp_clipping="fast")
+
+
+def test_channels_last_convs_ghost_stays_exact_and_hooks_refuse():
+    """Opacus's conv grad sampler gets channels-last weights wrong; ghost clipping does not, and the
+    hooks route refuses such a model by the parameter's name instead of clipping wrong norms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                          nn.GELU(), nn.Conv2d(16, 4, 3, stride=2, padding=1))
+    model.to(torch.float64, memory_format=torch.channels_last)
+    x = torch.randn(B, 2, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+
+    def losses(m, part):
+        return m(x[part]).square().flatten(1).sum(1)
+
+    _assert_ghost_matches_reference(model, losses, B)
+    with pytest.raises(ValueError, match=r"'hooks' needs C-contiguous parameters; 0\.weight"):
+        HooksClipping(model)
+
+
+def test_opacus_conv_grad_sampler_is_still_wrong_on_channels_last():
+    """Why HooksClipping refuses channels-last weights. If Opacus fixes its conv grad sampler, this
+    fails: then drop the refusal."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3, padding=1).to(torch.float64, memory_format=torch.channels_last)
+    x = torch.randn(B, 2, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    want = [torch.stack([torch.autograd.grad(conv(x[i : i + 1]).square().sum(), p)[0] for i in range(B)])
+            for p in (conv.weight, conv.bias)]
+    gsm = GradSampleModule(conv, loss_reduction="sum")
+    try:
+        gsm(x).square().sum().backward()
+        got = [conv.weight.grad_sample.clone(), conv.bias.grad_sample.clone()]
+    finally:
+        gsm._close()
+    assert got[0].shape == want[0].shape and not torch.allclose(got[0], want[0])  # the weight: wrong
+    torch.testing.assert_close(got[1], want[1])  # the bias: right

@@ -374,6 +374,14 @@ class HooksClipping:
     """
 
     def __init__(self, model: torch.nn.Module):
+        # Opacus 1.6's conv grad sampler returns wrong per-sample weight gradients for a channels-last
+        # conv weight (checked against per-sample autograd; biases are right), so its clipping norms
+        # would be wrong. Ghost clipping handles any layout (tests/test_dp_clipping.py).
+        strided = [n for n, p in model.named_parameters() if p.requires_grad and not p.is_contiguous()]
+        if strided:
+            raise ValueError(f"dp_clipping 'hooks' needs C-contiguous parameters; {', '.join(strided)} "
+                             "is not (channels-last?): use model.to(memory_format=torch.contiguous_format) "
+                             "or dp_clipping 'ghost'")
         self.gsm = GradSampleModule(model, loss_reduction="mean")
 
     def recording(self):
