@@ -202,10 +202,16 @@ def _fmt(mean: float | None, std: float | None, repeats: int) -> str:
     return f"{mean:.3f} ± {std:.3f}" if repeats > 1 else f"{mean:.3f}"
 
 
+def _run_time(meta: dict) -> str:
+    """The finished runs' own wall clock (a continued sweep reuses earlier runs), and this invocation's."""
+    own = meta.get("run_seconds") or 0.0
+    return f"{own / 60:.1f} min of run time (this invocation {meta['total_seconds'] / 60:.1f} min)"
+
+
 def render_markdown(meta: dict, agg: list[dict], notes: list[str]) -> str:
     lines = [f"# Privacy-accuracy tradeoff: {meta['scenario']}", "",
              f"Budgets {', '.join(meta['epsilons'])}; {meta['repeats']} repeat(s) each (seeds {meta['seeds']}); "
-             f"{meta['runs_done']} of {meta['runs_planned']} runs finished in {meta['total_seconds'] / 60:.1f} min.",
+             f"{meta['runs_done']} of {meta['runs_planned']} runs finished, {_run_time(meta)}.",
              f"Overrides: {' '.join(meta['overrides']) or 'none'}.", "",
              "Downstream: linear probe of the aggregated encoder on the official test split (MedMNIST AUC/ACC); "
              "`inf` = no DP (the non-private reference); random init = the same probe on an untrained encoder. "
@@ -377,7 +383,8 @@ def run_sweep(config: str | os.PathLike, *, epsilons: list[float], repeats: int 
                 status = "done"
             seconds = time.monotonic() - t0
             runs.append({"name": plan.name, "epsilon": eps_label(plan.epsilon), "repeat": plan.repeat,
-                         "seed": plan.seed, "status": status, "seconds": round(seconds, 1), "out": str(run_dir),
+                         "seed": plan.seed, "status": status, "seconds": round(seconds, 1),
+                         "run_seconds": summary.get("wall_seconds") if summary else None, "out": str(run_dir),
                          "log": str(log_path)})
             if summary is not None:
                 rows += rows_from_summary(plan, summary, str(run_dir))
@@ -385,7 +392,8 @@ def run_sweep(config: str | os.PathLike, *, epsilons: list[float], repeats: int 
                 bar.write(f"medfl: run {plan.name} {status}; see {log_path}")
             bar.update(1)
             meta.update(runs=runs, runs_done=sum(r["status"] == "done" for r in runs),
-                        total_seconds=round(time.monotonic() - started, 1))
+                        total_seconds=round(time.monotonic() - started, 1),
+                        run_seconds=round(sum(r["run_seconds"] or 0.0 for r in runs), 1))
             write_outputs(out_dir, meta, rows, epsilons)
     except KeyboardInterrupt:
         bar.close()

@@ -112,6 +112,8 @@ def test_outputs_from_fake_runs(tmp_path, monkeypatch):
     assert sweep.run_sweep(QUICKSTART_DP, **{**args, "repeats": 3}) == 0
     assert calls.count("eps-inf-rep-0") == 1 and calls.count("eps-4-rep-2") == 1
     assert len(list(csv.DictReader((out / "tradeoff.csv").open()))) == 3 * 2 * 3
+    # The report counts every finished run's own time (3.0 s each in the fake summaries), the reused ones too.
+    assert "9 of 9 runs finished, 0.5 min of run time (this invocation" in (out / "tradeoff.md").read_text()
     assert json.loads((out / sweep.PLAN_FILE).read_text())["repeats"] == 3
 
 
