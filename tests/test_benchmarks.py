@@ -227,14 +227,16 @@ def test_rows_that_read_no_pretraining_keep_their_fingerprint_under_another_pret
     assert {m for m in METHODS if architecture[m] == base[m]} == {"cnn_scratch"}
 
 
-def test_a_new_probe_read_out_changes_exactly_the_probed_rows_fingerprints(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("name", "value"), [("PROBE_READOUT", "the last block only"), ("DEFAULT_CS", (0.1, 1.0))])
+def test_a_new_probe_read_out_changes_exactly_the_probed_rows_fingerprints(tmp_path, monkeypatch, name, value):
+    """A new read-out or C grid re-scores the probe rows only."""
     from benchmarks.quality import experiment
     from benchmarks.quality.experiment import PRESETS, PROBED, Experiment
 
     exp = Experiment("full", PRESETS["full"], ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
     before = {m: exp.row_fingerprint(m) for m in METHODS}
     base = {m: exp.row_fingerprint(m, probe=False) for m in METHODS}
-    monkeypatch.setattr(experiment, "PROBE_READOUT", "the last block only")
+    monkeypatch.setattr(experiment, name, value)
     after = {m: exp.row_fingerprint(m) for m in METHODS}
     assert {m for m in METHODS if after[m] != before[m]} == set(PROBED)
     assert {m: exp.row_fingerprint(m, probe=False) for m in METHODS} == base

@@ -27,7 +27,7 @@ from client.round import train_round
 from config import Scenario, ScenarioError, load_scenario
 from medformer.baselines import small_cnn
 from medformer.data import AUGMENTATIONS, MedMNISTSplit, load_splits
-from medformer.eval import PROBE_READOUT, RECIPE, fine_tune, linear_probe, random_init_reference, recipe_epochs
+from medformer.eval import DEFAULT_CS, PROBE_READOUT, RECIPE, fine_tune, linear_probe, random_init_reference, recipe_epochs
 from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.seeding import round_seed
@@ -265,6 +265,7 @@ class Experiment:
             return self.fingerprint
         if method in PROBED and probe:
             blob["probe_readout"] = PROBE_READOUT
+            blob["probe_cs"] = list(DEFAULT_CS)
         return _digest(blob)
 
     def describe(self) -> dict[str, Any]:
