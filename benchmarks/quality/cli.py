@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"quality-{preset_name}" + ("-val" if args.split == "val" else "")
     jsonl = out / f"{name}.jsonl"
     fingerprints = {m: exp.row_fingerprint(m) for m in METHODS}  # once: the CNN's builds two models
-    # What a new probe read-out leaves alone (the same as ``fingerprints`` for rows without a probe).
+    # What a new probe (read-out or C grid) leaves alone (the same as ``fingerprints`` for rows without one).
     bases = {m: exp.row_fingerprint(m, probe=False) if m in PROBED else fingerprints[m] for m in METHODS}
     mine = stored_rows(jsonl, exp, fingerprints, restamp=not args.summary_only, report=True)
     todo = [(m, d, s) for s in seeds for m in methods for d in scored if (m, d, s) not in mine]
@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def earlier_probe_row(jsonl: Path, key: tuple[str, str, int], fingerprint: str, base: str) -> dict[str, Any] | None:
     """The latest row of ``key`` (method, dataset, seed) of the same experiment (``base``, its
-    fingerprint without the probe) whose linear probe had another read-out (not ``fingerprint``).
+    fingerprint without the probe) whose linear probe had another read-out or C grid (not ``fingerprint``).
 
-    A new read-out re-fits the probe only: the row takes that row's federated fine-tune (which no
+    A new probe re-fits the probe only: the row takes that row's federated fine-tune (which no
     probe touches) and carries its compute other than the probe (pretraining, fine-tune) in its
     ``seconds``, so the summed row time stays what the results cost. A row without a probe has
     ``base == fingerprint`` and never finds one.

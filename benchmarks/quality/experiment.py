@@ -43,7 +43,8 @@ METHODS: tuple[str, ...] = ("random_init", "local_only", "federated", "centraliz
 PRETRAINED = ("local_only", "federated", "centralized", "dp_federated")
 # Rows that read no pretraining: the federation's pretext and training do not touch their numbers.
 PRETEXT_FREE = ("random_init", "supervised_scratch", "cnn_scratch")
-# Rows that fit a linear probe: they hang on its read-out (``medformer.eval.PROBE_READOUT``) too.
+# Rows that fit a linear probe: they hang on its read-out and C grid (``medformer.eval.PROBE_READOUT``,
+# ``DEFAULT_CS``) too.
 PROBED = ("random_init", *PRETRAINED)
 # Preset fields that only pretraining (and the rows built on it) read.
 PRETRAINING_FIELDS = ("scenario", "sets", "dp_sets", "federated_fine_tune", "label_fractions")
@@ -246,9 +247,9 @@ class Experiment:
         federation or the other hospitals. Choosing another pretext then keeps those rows, the
         small CNN's 3D fine-tunes above all. Every other row hangs on the whole experiment; the DP row
         on its resolved scenario as well, so that a changed privacy default (clip norm, accountant)
-        reruns it. A row with a linear probe (``PROBED``) hangs on the probe's read-out as well;
-        ``probe=False`` gives its fingerprint without it: a row under that one holds what a new
-        read-out leaves alone (the federated fine-tune, the pretraining's compute).
+        reruns it. A row with a linear probe (``PROBED``) hangs on the probe's read-out and C grid as
+        well; ``probe=False`` gives its fingerprint without them: a row under that one holds what a
+        new probe leaves alone (the federated fine-tune, the pretraining's compute).
         """
         if method == "dp_federated":
             blob: dict[str, Any] = {"experiment": self.fingerprint, "dp": self.dp_scenario.to_dict()}
@@ -426,7 +427,7 @@ class Experiment:
     def run_row(self, method: str, dataset: str, seed: int, *,
                 earlier_fine_tune: dict[str, float] | None = None) -> dict[str, Any]:
         """One row's metrics. ``earlier_fine_tune``: the federated fine-tune of this experiment's row
-        with another probe read-out (``row_fingerprint(probe=False)``), taken instead of redone."""
+        with another probe read-out or C grid (``row_fingerprint(probe=False)``), taken instead of redone."""
         p = self.preset
         splits = self.splits(dataset)
         cap = p.max_train_examples

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # of its edges in 45 of the full benchmark's 75 probe rows (retina 0.01 in 14 of 15, breast 10 in
 # every federated, local-only and centralized row), so the best C could lie beyond them.
 DEFAULT_CS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-#: What the probe reads (``Medformer.probe_features``); benchmark rows hang on it, so a new read-out re-scores them.
+#: What the probe reads (``Medformer.probe_features``); benchmark rows hang on it and on ``DEFAULT_CS``, so a
+#: new read-out or grid re-scores them.
 PROBE_READOUT = "every body block's patch tokens, layer-normalised and mean-pooled, concatenated"
 
 def _fit_logreg(x: np.ndarray, y: np.ndarray, task: str, n_classes: int, c: float
