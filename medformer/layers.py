@@ -165,14 +165,18 @@ class ConvStem(nn.Module):
     Xiao et al. 2021). A stride-1 stage of ``width`` channels at full resolution (``full_res``), then
     stride-2 stages doubling it, the last one of ``dim``. Without ``full_res`` the first conv already
     halves the resolution (cheaper: ``MedformerConfig``'s default for 3D, whose volumes are 27x larger).
+    ``depth`` convolutions per stage, the first of them strided (``depth=2`` is the small supervised
+    CNN's pattern, ``baselines.SmallCNN``: two 3x3 convs see a 5x5 neighbourhood at each resolution).
 
     2D: [B, C, H, W] -> [B, grid^2, dim];  3D: [B, C, D, H, W] -> [B, grid^3, dim]. Token i covers the
     ``patch``-sided cell i of the grid (what masked reconstruction masks and predicts).
     """
 
     def __init__(self, *, ndim: int, in_channels: int, img_size: int, grid: int, dim: int, width: int,
-                 full_res: bool):
+                 full_res: bool, depth: int = 1):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"a conv stem needs at least one conv per stage, got depth={depth}")
         downs = max(1, round(math.log2(img_size / grid)))
         self.ndim, self.in_channels, self.img_size = ndim, in_channels, img_size
         side = img_size
@@ -185,10 +189,11 @@ class ConvStem(nn.Module):
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         stages = [(width, 1)] if full_res else []
         stages += [(width * 2 ** (i + full_res), 2) for i in range(downs - 1)] + [(dim, 2)]
+        convs = [(out, stride if j == 0 else 1) for out, stride in stages for j in range(depth)]
         layers: list[nn.Module] = []
         c = in_channels
-        for i, (out, stride) in enumerate(stages):
-            normed = i < len(stages) - 1  # a bias before a norm only adds a parameter with no gradient
+        for i, (out, stride) in enumerate(convs):
+            normed = i < len(convs) - 1  # a bias before a norm only adds a parameter with no gradient
             layers.append(conv(c, out, kernel_size=3, stride=stride, padding=1, bias=not normed))
             if normed:
                 layers += [nn.GroupNorm(min(8, out), out), nn.GELU()]

@@ -125,6 +125,29 @@ def test_fingerprints_follow_the_resolved_architecture_not_the_preset_name(tmp_p
     assert after.pretrain_fingerprint != before.pretrain_fingerprint
 
 
+def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_them_off_it(tmp_path, monkeypatch):
+    """``stem_depth`` came after rows were stored: at 1 (the model those rows used) the fingerprints
+    are what they were without the field; at 2 they change, the scratch fine-tunes' included."""
+    import dataclasses
+
+    from benchmarks.quality.experiment import LATER_FIELDS, PRESETS, Experiment, architecture
+    from medformer import model
+
+    def experiment():
+        return Experiment("full", PRESETS["full"], ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
+
+    before = experiment()
+    name = before.scenario.model.preset
+    assert set(LATER_FIELDS) <= set(dataclasses.asdict(before.cfg))
+    assert not set(LATER_FIELDS) & set(architecture(before.cfg))
+    monkeypatch.setitem(model.PRESETS, name, dataclasses.replace(model.PRESETS[name], stem_depth=2))
+    after = experiment()
+    assert architecture(after.cfg)["stem_depth"] == 2
+    assert after.fingerprint != before.fingerprint
+    assert after.row_fingerprint("supervised_scratch") != before.row_fingerprint("supervised_scratch")
+    assert after.row_fingerprint("cnn_scratch") == before.row_fingerprint("cnn_scratch")
+
+
 def test_quality_evaluate_scores_a_subset_of_a_federation_of_all(tmp_path, real_data_dir):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--seeds", "0", "--threads", "1",

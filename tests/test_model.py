@@ -61,8 +61,8 @@ def _ids(cases):
 # Forward / backward over every input kind and size
 # --------------------------------------------------------------------------------------------------
 #: Every tokenizer kind: linear patches (``tiny``), the conv stem, and the conv stem with a
-#: full-resolution first stage in 3D.
-STEMS = ["tiny", "medformer_tiny_conv49", "medformer_tiny_conv49_fr3d"]
+#: full-resolution first stage in 3D, and that stem with two convs a stage.
+STEMS = ["tiny", "medformer_tiny_conv49", "medformer_tiny_conv49_fr3d", "medformer_tiny_deepconv49_fr3d"]
 
 
 @pytest.mark.parametrize("preset", STEMS)
@@ -292,6 +292,22 @@ def test_full_resolution_3d_stem_keeps_the_token_grid() -> None:
     assert two_d[0] == two_d[1]
     with pytest.raises(ValueError, match="stem_3d_full_res=1 must be true or false"):
         make_config("medformer_tiny_conv49", stem_3d_full_res=1)
+
+
+def test_deeper_conv_stem_adds_stride_one_convs_and_keeps_the_token_grid() -> None:
+    """``stem_depth=2`` gives every stage of the conv stem a second, stride-1 conv (the small CNN's
+    pattern), in 2D and 3D; the strided convs, so the token grid and the output, stay as they were."""
+    one = build_medformer(make_config("medformer_tiny_conv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
+    two = build_medformer(make_config("medformer_tiny_deepconv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
+    for kind, conv in (("3d-1ch", nn.Conv3d), ("2d-1ch", nn.Conv2d)):
+        strides = [[c.stride[0] for c in m.inputs[kind].tokenizer(28).convs if isinstance(c, conv)] for m in (one, two)]
+        assert strides[1] == [s for s in strides[0] for s in (s, 1)]
+    for flag in ("adrenalmnist3d", "breastmnist"):
+        assert two.tokenizer(flag, 28).num_tokens == one.tokenizer(flag, 28).num_tokens
+        x = _batch(flag, 28)
+        assert two(x, flag).shape == one(x, flag).shape
+    with pytest.raises(ValueError, match="stem_depth=0 must be a positive number"):
+        make_config("medformer_tiny_conv49", stem_depth=0)
 
 
 def test_config_rejects_heads_not_dividing_dim_and_non_positive_values() -> None:

@@ -230,14 +230,14 @@ class Experiment:
         # Pretrainings do not depend on the split or the fine-tune recipe: selection and test runs share them.
         self.pretrain_fingerprint = _digest(
             {"datasets": self.datasets, "scenario": self.scenario.to_dict(), "dp": self.dp_scenario.to_dict(),
-             "model": dataclasses.asdict(self.cfg)})
+             "model": architecture(self.cfg)})
         self._splits: dict[str, dict[str, MedMNISTSplit]] = {}
         self._pretrained: dict[tuple[str, int], Pretrained] = {}
 
     def _fingerprint(self) -> str:
         # The resolved architecture too: a preset name (``default``) may come to mean another model.
         return _digest({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets, "split": self.split,
-                        "scenario": self.scenario.to_dict(), "model": dataclasses.asdict(self.cfg)})
+                        "scenario": self.scenario.to_dict(), "model": architecture(self.cfg)})
 
     def row_fingerprint(self, method: str, *, probe: bool = True) -> str:
         """The fingerprint a row of ``method`` is stored and found under.
@@ -259,7 +259,7 @@ class Experiment:
             if method == "cnn_scratch":  # its layers, in 2D and 3D
                 blob["model"] = [repr(small_cnn(d)) for d in ("breastmnist", "adrenalmnist3d")]
             else:
-                blob["model"] = dataclasses.asdict(self.cfg)
+                blob["model"] = architecture(self.cfg)
         elif method in PROBED and probe:
             blob = {"experiment": self.fingerprint}
         else:
@@ -461,6 +461,16 @@ class Experiment:
         if method == "federated" and p.federated_fine_tune:
             out["fine_tune"] = dict(earlier_fine_tune) if earlier_fine_tune else all_labels(model)
         return out
+
+
+#: Model fields added after rows were stored, with the value that builds the model those rows used.
+#: At that value a field stays out of the fingerprints, so the rows are still found.
+LATER_FIELDS: dict[str, Any] = {"stem_depth": 1}
+
+
+def architecture(cfg: MedformerConfig) -> dict[str, Any]:
+    """The model config as fingerprints read it (``LATER_FIELDS`` left out at their former value)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
 def _digest(blob: dict[str, Any]) -> str:
