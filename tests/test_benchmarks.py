@@ -130,7 +130,7 @@ def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_
     are what they were without the field; at 2 they change, the scratch fine-tunes' included."""
     import dataclasses
 
-    from benchmarks.quality.experiment import LATER_FIELDS, PRESETS, Experiment, architecture
+    from benchmarks.quality.experiment import LATER_MODEL_FIELDS, PRESETS, Experiment, architecture
     from medformer import model
 
     def experiment():
@@ -138,14 +138,30 @@ def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_
 
     before = experiment()
     name = before.scenario.model.preset
-    assert set(LATER_FIELDS) <= set(dataclasses.asdict(before.cfg))
-    assert not set(LATER_FIELDS) & set(architecture(before.cfg))
+    assert set(LATER_MODEL_FIELDS) <= set(dataclasses.asdict(before.cfg))
+    assert not set(LATER_MODEL_FIELDS) & set(architecture(before.cfg))
     monkeypatch.setitem(model.PRESETS, name, dataclasses.replace(model.PRESETS[name], stem_depth=2))
     after = experiment()
     assert architecture(after.cfg)["stem_depth"] == 2
     assert after.fingerprint != before.fingerprint
     assert after.row_fingerprint("supervised_scratch") != before.row_fingerprint("supervised_scratch")
     assert after.row_fingerprint("cnn_scratch") == before.row_fingerprint("cnn_scratch")
+
+
+def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes_them_off_it(tmp_path):
+    """``fine_tune_warmup`` came after rows were stored: at 0 it is out of every fingerprint; a
+    warm-up changes the fine-tuning rows' (the CNN's too) and leaves the pretrainings alone."""
+    from benchmarks.quality.experiment import LATER_PRESET_FIELDS, PRESETS, Experiment, preset_fields, with_overrides
+
+    def experiment(preset):
+        return Experiment("full", preset, ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
+
+    assert not set(LATER_PRESET_FIELDS) & set(preset_fields(PRESETS["full"]))
+    before, after = experiment(PRESETS["full"]), experiment(with_overrides(PRESETS["full"], fields=["fine_tune_warmup=0.1"]))
+    assert after.preset.fine_tune_warmup == 0.1 and after.preset.fine_tune_kwargs(0)["warmup"] == 0.1
+    for method in ("supervised_scratch", "cnn_scratch", "federated"):
+        assert after.row_fingerprint(method) != before.row_fingerprint(method), method
+    assert after.pretrain_fingerprint == before.pretrain_fingerprint
 
 
 def test_quality_evaluate_scores_a_subset_of_a_federation_of_all(tmp_path, real_data_dir):

@@ -368,6 +368,26 @@ def test_validation_epochs(epochs: int, validations: int | None, expected: set[i
     assert validation_epochs(epochs, validations) == expected
 
 
+def test_warmup_cosine_rises_linearly_then_follows_the_cosine_to_zero() -> None:
+    from medformer.eval.finetune import warmup_cosine
+
+    plain = warmup_cosine(100, 0.0)
+    assert [plain(s) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    warm = warmup_cosine(100, 0.1)  # 10 warm-up steps, then a cosine over the other 90
+    assert [warm(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert [warm(s) for s in (10, 55, 100)] == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_fine_tune_warmup_changes_the_training_and_is_checked(synth_dir) -> None:
+    sp = _splits(synth_dir, "breastmnist")
+    model = _model("breastmnist")
+    kw = dict(epochs=3, batch_size=16, seed=0)
+    plain, warm = (fine_tune(model, sp, "breastmnist", **kw, warmup=w) for w in (0.0, 0.3))
+    assert plain["val_auc"] != warm["val_auc"] or plain["auc"] != warm["auc"]
+    with pytest.raises(ValueError, match="warmup must be a share of the steps in \\[0, 1\\), got 1.0"):
+        fine_tune(model, sp, "breastmnist", **kw, warmup=1.0)
+
+
 def test_validation_epochs_rejects_zero() -> None:
     with pytest.raises(ValueError, match="validations"):
         validation_epochs(5, 0)

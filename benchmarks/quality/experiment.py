@@ -64,6 +64,7 @@ class Preset:
         fine_tune_batch: fine-tune batch size.
         fine_tune_augment: fine-tune augmentation policy (``medformer.data.AUGMENTATIONS``: none,
             mirror, views).
+        fine_tune_warmup: share of a fine-tune's steps spent warming its learning rates up linearly.
         max_train_examples: cap on the labelled examples a probe / fine-tune sees (None = all).
         label_fractions: label shares of the label-efficiency rows (besides 100%).
         min_steps: every fine-tune takes at least this many optimizer steps (more epochs on small
@@ -86,6 +87,7 @@ class Preset:
     fine_tune_encoder_lr: float | None = None
     fine_tune_batch: int = 128
     fine_tune_augment: str = "none"
+    fine_tune_warmup: float = 0.0
     max_train_examples: int | None = None
     label_fractions: tuple[float, ...] = (0.01, 0.1)
     min_steps: int = 50
@@ -101,7 +103,7 @@ class Preset:
         """``medformer.eval.fine_tune`` arguments (it sizes the epochs from the labels it draws)."""
         return dict(epochs=self.fine_tune_epochs, min_steps=self.min_steps,
                     lr=self.fine_tune_lr, encoder_lr=self.fine_tune_encoder_lr, batch_size=self.fine_tune_batch,
-                    augment=self.fine_tune_augment, validations=self.validations, seed=seed,
+                    augment=self.fine_tune_augment, warmup=self.fine_tune_warmup, validations=self.validations, seed=seed,
                     max_train_examples=self.max_train_examples)
 
 
@@ -139,6 +141,7 @@ PRESETS: dict[str, Preset] = {
 FT_FIELDS: dict[str, tuple[type, bool]] = {  # name -> (type, None allowed)
     "scenario": (str, False), "fine_tune_epochs": (int, False), "fine_tune_lr": (float, False),
     "fine_tune_encoder_lr": (float, True), "fine_tune_batch": (int, False), "fine_tune_augment": (str, False),
+    "fine_tune_warmup": (float, False),
     "max_train_examples": (int, True), "label_fractions": (tuple, False), "min_steps": (int, False),
     "validations": (int, True), "federated_fine_tune": (bool, False),
 }
@@ -236,7 +239,7 @@ class Experiment:
 
     def _fingerprint(self) -> str:
         # The resolved architecture too: a preset name (``default``) may come to mean another model.
-        return _digest({"preset": dataclasses.asdict(self.preset), "datasets": self.datasets, "split": self.split,
+        return _digest({"preset": preset_fields(self.preset), "datasets": self.datasets, "split": self.split,
                         "scenario": self.scenario.to_dict(), "model": architecture(self.cfg)})
 
     def row_fingerprint(self, method: str, *, probe: bool = True) -> str:
@@ -254,7 +257,7 @@ class Experiment:
         if method == "dp_federated":
             blob: dict[str, Any] = {"experiment": self.fingerprint, "dp": self.dp_scenario.to_dict()}
         elif method in PRETEXT_FREE:
-            recipe = {k: v for k, v in dataclasses.asdict(self.preset).items() if k not in PRETRAINING_FIELDS}
+            recipe = {k: v for k, v in preset_fields(self.preset).items() if k not in PRETRAINING_FIELDS}
             blob = {"method": method, "recipe": recipe, "split": self.split}
             if method == "cnn_scratch":  # its layers, in 2D and 3D
                 blob["model"] = [repr(small_cnn(d)) for d in ("breastmnist", "adrenalmnist3d")]
@@ -463,14 +466,24 @@ class Experiment:
         return out
 
 
-#: Model fields added after rows were stored, with the value that builds the model those rows used.
-#: At that value a field stays out of the fingerprints, so the rows are still found.
-LATER_FIELDS: dict[str, Any] = {"stem_depth": 1}
+#: Model and preset fields added after rows were stored, with the value that does what those rows
+#: did. At that value a field stays out of the fingerprints, so the rows are still found.
+LATER_MODEL_FIELDS: dict[str, Any] = {"stem_depth": 1}
+LATER_PRESET_FIELDS: dict[str, Any] = {"fine_tune_warmup": 0.0}
+
+
+def _as_stored(settings: Any, later: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in later or v != later[k]}
 
 
 def architecture(cfg: MedformerConfig) -> dict[str, Any]:
-    """The model config as fingerprints read it (``LATER_FIELDS`` left out at their former value)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+    """The model config as fingerprints read it (``LATER_MODEL_FIELDS`` left out at their former value)."""
+    return _as_stored(cfg, LATER_MODEL_FIELDS)
+
+
+def preset_fields(preset: Preset) -> dict[str, Any]:
+    """The preset as fingerprints read it (``LATER_PRESET_FIELDS`` left out at their former value)."""
+    return _as_stored(preset, LATER_PRESET_FIELDS)
 
 
 def _digest(blob: dict[str, Any]) -> str:

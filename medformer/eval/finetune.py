@@ -1,5 +1,5 @@
-"""End-to-end fine-tuning of a copy of a Medformer with a downstream head: AdamW, cosine schedule,
-optional augmentation, model selection on the validation split, test scored once."""
+"""End-to-end fine-tuning of a copy of a Medformer with a downstream head: AdamW, optional linear
+warm-up, cosine schedule, optional augmentation, model selection on the validation split, test scored once."""
 from __future__ import annotations
 
 import copy
@@ -42,6 +42,7 @@ def fine_tune(
     batch_size: int = 128,
     label_fraction: float = 1.0,
     weight_decay: float = 0.05,
+    warmup: float = 0.0,
     seed: int = 0,
     max_train_examples: int | None = None,
     augment: bool | str = False,
@@ -52,7 +53,8 @@ def fine_tune(
 ) -> dict[str, Any]:
     """End-to-end fine-tuning of a copy of ``model`` with the downstream head of ``dataset``.
 
-    AdamW (no decay on 1-D parameters), cosine learning-rate decay per step, validation after each
+    AdamW (no decay on 1-D parameters), a linear warm-up over the first ``warmup`` share of the
+    steps, then cosine learning-rate decay per step to 0, validation after each
     epoch; the weights of the epoch with the best validation AUC are scored on test. A model
     without an ``outputs.<dataset>`` head gets a fresh one (seeded).
 
@@ -69,6 +71,8 @@ def fine_tune(
         label_fraction: share of the labels used, train and validation alike (class-stratified, >= 1 per
             class; ``metrics.labelled_subsets``): the epoch is chosen on the subsampled validation split.
         weight_decay: AdamW decoupled weight decay.
+        warmup: share of the steps (in [0, 1)) over which the learning rates rise linearly to their peak
+            (Adam's first steps on a transformer trained from scratch are otherwise the largest).
         seed: seeds the label subset, a new head's init and the shuffling.
         max_train_examples: optional cap on train examples (stratified too).
         augment: training augmentation, a ``medformer.data.AUGMENTATIONS`` policy: ``"mirror"``
@@ -95,6 +99,8 @@ def fine_tune(
         raise ValueError(f"epochs must be >= 1, got {epochs!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup must be a share of the steps in [0, 1), got {warmup!r}")
     policy = ("views" if augment else "none") if isinstance(augment, bool) else augment
     if policy not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
@@ -120,7 +126,7 @@ def fine_tune(
          for ps, group_lr in groups for decay in (True, False) if any((p.ndim >= 2) == decay for p in ps)],
         lr=lr, weight_decay=weight_decay,
     )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, warmup_cosine(epochs * steps_per_epoch, warmup))
 
     best_key: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] = {}
@@ -170,6 +176,19 @@ def fine_tune(
     if return_model:
         result["model"] = net
     return result
+
+
+def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """Learning-rate factor after ``step`` optimizer steps: linear from 1/warm-up steps to 1 over the
+    first ``warmup`` share of ``total_steps``, then a cosine from 1 to 0 over the rest."""
+    warm = int(round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+
+    return factor
 
 
 def validation_epochs(epochs: int, validations: int | None) -> set[int]:
