@@ -150,7 +150,8 @@ def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_
 
 def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes_them_off_it(tmp_path):
     """``fine_tune_warmup`` came after rows were stored: at 0 it is out of every fingerprint; a
-    warm-up changes the fine-tuning rows' (the CNN's too) and leaves the pretrainings alone."""
+    warm-up changes the fine-tuning rows' (the CNN's too) and leaves the pretrainings and the rows
+    that only probe alone."""
     from benchmarks.quality.experiment import LATER_PRESET_FIELDS, PRESETS, Experiment, preset_fields, with_overrides
 
     def experiment(preset):
@@ -159,8 +160,11 @@ def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes
     assert not set(LATER_PRESET_FIELDS) & set(preset_fields(PRESETS["full"]))
     before, after = experiment(PRESETS["full"]), experiment(with_overrides(PRESETS["full"], fields=["fine_tune_warmup=0.1"]))
     assert after.preset.fine_tune_warmup == 0.1 and after.preset.fine_tune_kwargs(0)["warmup"] == 0.1
-    for method in ("supervised_scratch", "cnn_scratch", "federated"):
+    for method in ("supervised_scratch", "cnn_scratch", "federated", "label_efficiency"):
         assert after.row_fingerprint(method) != before.row_fingerprint(method), method
+    for method in ("random_init", "local_only", "centralized", "dp_federated"):
+        assert after.row_fingerprint(method) == before.row_fingerprint(method), method
+        assert after.row_fingerprint(method, probe=False) == before.row_fingerprint(method, probe=False), method
     assert after.pretrain_fingerprint == before.pretrain_fingerprint
 
 

@@ -46,6 +46,8 @@ PRETEXT_FREE = ("random_init", "supervised_scratch", "cnn_scratch")
 # Rows that fit a linear probe: they hang on its read-out and C grid (``medformer.eval.PROBE_READOUT``,
 # ``DEFAULT_CS``) too.
 PROBED = ("random_init", *PRETRAINED)
+# Rows that never fine-tune (their numbers are linear probes).
+NEVER_FINE_TUNED = ("random_init", "local_only", "centralized", "dp_federated")
 # Preset fields that only pretraining (and the rows built on it) read.
 PRETRAINING_FIELDS = ("scenario", "sets", "dp_sets", "federated_fine_tune", "label_fractions")
 SPLITS = ("test", "val")
@@ -237,10 +239,18 @@ class Experiment:
         self._splits: dict[str, dict[str, MedMNISTSplit]] = {}
         self._pretrained: dict[tuple[str, int], Pretrained] = {}
 
-    def _fingerprint(self) -> str:
+    def _fingerprint(self, preset: Preset | None = None) -> str:
         # The resolved architecture too: a preset name (``default``) may come to mean another model.
-        return _digest({"preset": preset_fields(self.preset), "datasets": self.datasets, "split": self.split,
-                        "scenario": self.scenario.to_dict(), "model": architecture(self.cfg)})
+        return _digest({"preset": preset_fields(preset or self.preset), "datasets": self.datasets,
+                        "split": self.split, "scenario": self.scenario.to_dict(), "model": architecture(self.cfg)})
+
+    def _preset_seen_by(self, method: str) -> Preset:
+        """The preset as ``method``'s fingerprint reads it: a row that never fine-tunes sees the
+        later fine-tune fields (``LATER_FINE_TUNE_FIELDS``) at their former value, so a new fine-tune
+        recipe leaves its probes found."""
+        if method not in NEVER_FINE_TUNED:
+            return self.preset
+        return dataclasses.replace(self.preset, **{k: LATER_PRESET_FIELDS[k] for k in LATER_FINE_TUNE_FIELDS})
 
     def row_fingerprint(self, method: str, *, probe: bool = True) -> str:
         """The fingerprint a row of ``method`` is stored and found under.
@@ -252,21 +262,24 @@ class Experiment:
         on its resolved scenario as well, so that a changed privacy default (clip norm, accountant)
         reruns it. A row with a linear probe (``PROBED``) hangs on the probe's read-out and C grid as
         well; ``probe=False`` gives its fingerprint without them: a row under that one holds what a
-        new probe leaves alone (the federated fine-tune, the pretraining's compute).
+        new probe leaves alone (the federated fine-tune, the pretraining's compute). A row that never
+        fine-tunes (``NEVER_FINE_TUNED``) does not hang on the later fine-tune fields.
         """
+        preset = self._preset_seen_by(method)
+        experiment = self._fingerprint(preset)
         if method == "dp_federated":
-            blob: dict[str, Any] = {"experiment": self.fingerprint, "dp": self.dp_scenario.to_dict()}
+            blob: dict[str, Any] = {"experiment": experiment, "dp": self.dp_scenario.to_dict()}
         elif method in PRETEXT_FREE:
-            recipe = {k: v for k, v in preset_fields(self.preset).items() if k not in PRETRAINING_FIELDS}
+            recipe = {k: v for k, v in preset_fields(preset).items() if k not in PRETRAINING_FIELDS}
             blob = {"method": method, "recipe": recipe, "split": self.split}
             if method == "cnn_scratch":  # its layers, in 2D and 3D
                 blob["model"] = [repr(small_cnn(d)) for d in ("breastmnist", "adrenalmnist3d")]
             else:
                 blob["model"] = architecture(self.cfg)
         elif method in PROBED and probe:
-            blob = {"experiment": self.fingerprint}
+            blob = {"experiment": experiment}
         else:
-            return self.fingerprint
+            return experiment
         if method in PROBED and probe:
             blob["probe_readout"] = PROBE_READOUT
             blob["probe_cs"] = list(DEFAULT_CS)
@@ -470,6 +483,8 @@ class Experiment:
 #: did. At that value a field stays out of the fingerprints, so the rows are still found.
 LATER_MODEL_FIELDS: dict[str, Any] = {"stem_depth": 1}
 LATER_PRESET_FIELDS: dict[str, Any] = {"fine_tune_warmup": 0.0}
+#: Those of them that only fine-tunes read.
+LATER_FINE_TUNE_FIELDS: tuple[str, ...] = ("fine_tune_warmup",)
 
 
 def _as_stored(settings: Any, later: dict[str, Any]) -> dict[str, Any]:
