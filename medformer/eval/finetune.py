@@ -171,8 +171,8 @@ def fine_tune(
         "epochs": epochs, "best_epoch": best_epoch, "n_train": n, "n_val": len(val_split),
         "seconds": time.perf_counter() - t0,
     }
-    log.info("fine-tune %s: test auc %.4f acc %.4f (best epoch %d/%d, n_train=%d, %.1fs)",
-             dataset, result["auc"], result["acc"], best_epoch, epochs, n, result["seconds"])
+    log.info("fine-tune %s: %s auc %.4f acc %.4f (best epoch %d/%d, n_train=%d, %.1fs)", dataset,
+             "test" if score_test else "val", result["auc"], result["acc"], best_epoch, epochs, n, result["seconds"])
     if return_model:
         result["model"] = net
     return result

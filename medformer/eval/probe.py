@@ -170,8 +170,8 @@ def linear_probe(
         "auc": test["auc"], "acc": test["acc"], "val_auc": val["auc"], "val_acc": val["acc"],
         "C": c_best, "n_train": len(train), "n_val": len(val_split), "seconds": time.perf_counter() - t0,
     }
-    log.info("linear probe %s: test auc %.4f acc %.4f (C=%g, n_train=%d, %.1fs)",
-             dataset, result["auc"], result["acc"], c_best, len(train), result["seconds"])
+    log.info("linear probe %s: %s auc %.4f acc %.4f (C=%g, n_train=%d, %.1fs)", dataset,
+             "test" if score_test else "val", result["auc"], result["acc"], c_best, len(train), result["seconds"])
     if return_probe:
         result["probe"] = {"mean": mean, "std": std, **predict.affine}
     return result
