@@ -167,7 +167,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     m = run_finetune(args.model_dir, dataset=args.dataset, size=args.size, data_dir=args.data_dir,
                      label_fraction=args.label_fraction, epochs=args.epochs, lr=args.lr, encoder_lr=args.encoder_lr,
-                     batch_size=args.batch_size,
+                     batch_size=args.batch_size, warmup=args.warmup,
                      seed=args.seed, augment=args.augment, probe=args.linear_probe,
                      max_train_examples=args.max_train_examples, device=args.device, out=args.out,
                      progress=not args.no_progress)
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the encoder (default %(default)g)")
     f.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
                    help="training batch size (default %(default)s)")
+    f.add_argument("--warmup", type=float, default=RECIPE["warmup"],
+                   help="share of the steps over which the learning rates rise linearly (default %(default)g)")
     f.add_argument("--max-train-examples", type=int, help="cap on labelled training images (stratified)")
     f.add_argument("--augment", choices=list(AUGMENTATIONS), default="none",
                    help="training augmentation: mirror (left-right flips, small shifts), views (flips on every "
