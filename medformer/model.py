@@ -49,7 +49,8 @@ class MedformerConfig:
             always do (``layers.ConvStem``); without it their first conv halves the volume, which
             keeps them cheap but loses structures a voxel or two wide (vessels).
         stem_depth: 3x3 convolutions per stage of the conv stem (the first strided); 2 is the small
-            supervised CNN's pattern (``baselines.SmallCNN``).
+            supervised CNN's pattern (``baselines.SmallCNN``). Tried on validation at 2 (federated,
+            benchmarks/results/deepstem-val/): the same mean at twice the pretraining cost.
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
         num_queries: query tokens per downstream task head.

@@ -128,6 +128,9 @@ PRESETS: dict[str, Preset] = {
     # Augmentation (600 steps, scratch and CNN): views 0.739/0.818, 0.767/0.815; mirror 0.731/0.808,
     # 0.825/0.810; none 0.744/0.807, 0.881/0.827. Breast's val split has 78 images: differences of a
     # few hundredths are within its noise.
+    # A linear warm-up over 10% of the steps (fine_tune_warmup=0.1) was not kept: level on the
+    # federated fine-tune (mean -0.002 over the five sets, both 3D sets lower), a gain only for the
+    # Medformer from scratch; benchmarks/results/warmup-val/.
     # The product holds the kept recipe (medformer.eval.RECIPE, medfl finetune's defaults).
     "full": Preset(fine_tune_batch=RECIPE["batch_size"], fine_tune_lr=RECIPE["lr"],
                    fine_tune_encoder_lr=RECIPE["encoder_lr"], fine_tune_warmup=RECIPE["warmup"],
