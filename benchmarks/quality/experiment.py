@@ -105,8 +105,8 @@ class Preset:
         """``medformer.eval.fine_tune`` arguments (it sizes the epochs from the labels it draws)."""
         return dict(epochs=self.fine_tune_epochs, min_steps=self.min_steps,
                     lr=self.fine_tune_lr, encoder_lr=self.fine_tune_encoder_lr, batch_size=self.fine_tune_batch,
-                    augment=self.fine_tune_augment, warmup=self.fine_tune_warmup, validations=self.validations, seed=seed,
-                    max_train_examples=self.max_train_examples)
+                    augment=self.fine_tune_augment, warmup=self.fine_tune_warmup, validations=self.validations,
+                    seed=seed, max_train_examples=self.max_train_examples)
 
 
 PRESETS: dict[str, Preset] = {

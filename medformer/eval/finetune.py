@@ -180,8 +180,8 @@ def fine_tune(
 
 
 def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
-    """Learning-rate factor after ``step`` optimizer steps: linear from 1/warm-up steps to 1 over the
-    first ``warmup`` share of ``total_steps``, then a cosine from 1 to 0 over the rest."""
+    """Learning-rate factor after ``step`` optimizer steps: over the first W = ``warmup`` x
+    ``total_steps`` steps it rises linearly (1/W, 2/W, ... 1), then a cosine takes it from 1 to 0."""
     warm = int(round(warmup * total_steps))
 
     def factor(step: int) -> float:
