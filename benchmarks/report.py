@@ -205,8 +205,9 @@ def build(results: Path = RESULTS) -> str:
     if plan and plan.get("estimated_seconds_by_threads"):
         floors = "; ".join(f"{fmt_seconds(e['best'])} at {t} thread{'s' if t != '1' else ''}"
                            for t, e in sorted(plan["estimated_seconds_by_threads"].items(), reverse=True))
-        full_time = (f"compute floor {floors} ({sum(plan['tflop'].values()):.0f} TFLOP counted by `--plan`, at the "
-                     "pretext step's best measured FLOP/s); Python overhead adds to it, and on a busy CPU `--threads 1` "
+        full_time = (f"estimated {floors} ({sum(plan['tflop'].values()):.0f} TFLOP counted by `--plan`, at the "
+                     "pretext step's best measured FLOP/s); convolutions faster than that step (the small CNN's) "
+                     "shorten a real run, Python overhead lengthens it, and on a busy CPU `--threads 1` "
                      "avoids the 2-thread stalls seen in the systems benchmark")
     else:
         full_time = "run `python -m benchmarks.quality --plan` for an estimate"
