@@ -48,9 +48,11 @@ class MedformerConfig:
         stem_3d_full_res: 3D conv stems start with a stride-1 stage at full resolution, as 2D ones
             always do (``layers.ConvStem``); without it their first conv halves the volume, which
             keeps them cheap but loses structures a voxel or two wide (vessels).
-        stem_depth: 3x3 convolutions per stage of the conv stem (the first strided); 2 is the small
-            supervised CNN's pattern (``baselines.SmallCNN``). Tried on validation at 2 (federated,
-            benchmarks/results/deepstem-val/): the same mean at twice the pretraining cost.
+        stem_depth_2d: 3x3 convolutions per stage of the 2D conv stems (the first strided); 2 is the
+            small supervised CNN's pattern (``baselines.SmallCNN``). Tried on validation at 2 in 2D and
+            3D (federated, benchmarks/results/deepstem-val/): the same mean at twice the pretraining
+            cost; vessel gained, breast lost.
+        stem_depth_3d: the same for the 3D conv stems.
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
         num_queries: query tokens per downstream task head.
@@ -72,7 +74,8 @@ class MedformerConfig:
     stem: str = "patch"
     stem_width: int = 32
     stem_3d_full_res: bool = False
-    stem_depth: int = 1
+    stem_depth_2d: int = 1
+    stem_depth_3d: int = 1
     num_latents: int = 2
     adapter_dim: int = 32
     num_queries: int = 2
@@ -128,10 +131,10 @@ PRESETS: dict[str, MedformerConfig] = {
     "medformer_tiny_conv49_fr3d": MedformerConfig(dim=32, depth=1, heads=2, grid_2d=7, stem="conv", stem_width=8,
                                                   stem_3d_full_res=True, num_latents=1, adapter_dim=8,
                                                   num_queries=1, decoder_dim=16, decoder_depth=1, decoder_heads=2),
-    # Tests of the deeper stem (``stem_depth=2``): the tiny fr3d model with two convs a stage.
+    # Tests of the deeper stem (``stem_depth_2d=stem_depth_3d=2``): the tiny fr3d model with two convs a stage.
     "medformer_tiny_deepconv49_fr3d": MedformerConfig(dim=32, depth=1, heads=2, grid_2d=7, stem="conv", stem_width=8,
-                                                      stem_3d_full_res=True, stem_depth=2, num_latents=1,
-                                                      adapter_dim=8, num_queries=1, decoder_dim=16,
+                                                      stem_3d_full_res=True, stem_depth_2d=2, stem_depth_3d=2,
+                                                      num_latents=1, adapter_dim=8, num_queries=1, decoder_dim=16,
                                                       decoder_depth=1, decoder_heads=2),
     # Wider and deeper, 49 linear patches: for machines with more compute.
     "medformer_base_patch49": MedformerConfig(dim=192, depth=6, heads=6, mlp_ratio=4.0, grid_2d=7, num_latents=4,
@@ -190,7 +193,8 @@ class InputAdaptformer(nn.Module):
             if cfg.stem == "conv":
                 return ConvStem(ndim=ndim, in_channels=channels, img_size=size, grid=grid, dim=cfg.dim,
                                 width=cfg.stem_width if ndim == 2 else max(1, cfg.stem_width // 2),
-                                full_res=ndim == 2 or cfg.stem_3d_full_res, depth=cfg.stem_depth)
+                                full_res=ndim == 2 or cfg.stem_3d_full_res,
+                                depth=cfg.stem_depth_3d if ndim == 3 else cfg.stem_depth_2d)
             return PatchEmbed(ndim=ndim, in_channels=channels, img_size=size, grid=grid, dim=cfg.dim)
 
         self.tokenizers = nn.ModuleDict({str(s): tokenizer(s) for s in sorted(set(sizes))})

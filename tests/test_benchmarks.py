@@ -126,7 +126,7 @@ def test_fingerprints_follow_the_resolved_architecture_not_the_preset_name(tmp_p
 
 
 def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_them_off_it(tmp_path, monkeypatch):
-    """``stem_depth`` came after rows were stored: at 1 (the model those rows used) the fingerprints
+    """``stem_depth_3d`` came after rows were stored: at 1 (the model those rows used) the fingerprints
     are what they were without the field; at 2 they change, the scratch fine-tunes' included."""
     import dataclasses
 
@@ -140,9 +140,10 @@ def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_
     name = before.scenario.model.preset
     assert set(LATER_MODEL_FIELDS) <= set(dataclasses.asdict(before.cfg))
     assert not set(LATER_MODEL_FIELDS) & set(architecture(before.cfg))
-    monkeypatch.setitem(model.PRESETS, name, dataclasses.replace(model.PRESETS[name], stem_depth=2))
+    monkeypatch.setitem(model.PRESETS, name, dataclasses.replace(model.PRESETS[name], stem_depth_3d=2))
     after = experiment()
-    assert architecture(after.cfg)["stem_depth"] == 2
+    assert architecture(after.cfg)["stem_depth_3d"] == 2
+    assert "stem_depth_2d" not in architecture(after.cfg)
     assert after.fingerprint != before.fingerprint
     assert after.row_fingerprint("supervised_scratch") != before.row_fingerprint("supervised_scratch")
     assert after.row_fingerprint("cnn_scratch") == before.row_fingerprint("cnn_scratch")

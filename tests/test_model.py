@@ -295,8 +295,8 @@ def test_full_resolution_3d_stem_keeps_the_token_grid() -> None:
 
 
 def test_deeper_conv_stem_adds_stride_one_convs_and_keeps_the_token_grid() -> None:
-    """``stem_depth=2`` gives every stage of the conv stem a second, stride-1 conv (the small CNN's
-    pattern), in 2D and 3D; the strided convs, so the token grid and the output, stay as they were."""
+    """``stem_depth_2d=stem_depth_3d=2`` gives every stage of the conv stem a second, stride-1 conv
+    (the small CNN's pattern); the strided convs, so the token grid and the output, stay as they were."""
     one = build_medformer(make_config("medformer_tiny_conv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
     two = build_medformer(make_config("medformer_tiny_deepconv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
     for kind, conv in (("3d-1ch", nn.Conv3d), ("2d-1ch", nn.Conv2d)):
@@ -306,8 +306,21 @@ def test_deeper_conv_stem_adds_stride_one_convs_and_keeps_the_token_grid() -> No
         assert two.tokenizer(flag, 28).num_tokens == one.tokenizer(flag, 28).num_tokens
         x = _batch(flag, 28)
         assert two(x, flag).shape == one(x, flag).shape
-    with pytest.raises(ValueError, match="stem_depth=0 must be a positive number"):
-        make_config("medformer_tiny_conv49", stem_depth=0)
+    with pytest.raises(ValueError, match="stem_depth_3d=0 must be a positive number"):
+        make_config("medformer_tiny_conv49", stem_depth_3d=0)
+
+
+def test_stem_depth_is_set_per_input_kind() -> None:
+    """``stem_depth_3d`` deepens only the 3D stems: the 2D stem's weights are the one-conv model's."""
+    one = build_medformer(make_config("medformer_tiny_conv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
+    deep3d = build_medformer(make_config("medformer_tiny_conv49_fr3d", stem_depth_3d=2),
+                             ["adrenalmnist3d", "breastmnist"])
+    shapes = [{kind: {k: v.shape for k, v in m.inputs[kind].state_dict().items()} for kind in m.inputs}
+              for m in (one, deep3d)]
+    assert shapes[0]["2d-1ch"] == shapes[1]["2d-1ch"]
+    convs = [len([c for c in m.inputs["3d-1ch"].tokenizer(28).convs if isinstance(c, nn.Conv3d)])
+             for m in (one, deep3d)]
+    assert convs[1] == 2 * convs[0]
 
 
 def test_config_rejects_heads_not_dividing_dim_and_non_positive_values() -> None:

@@ -485,7 +485,7 @@ class Experiment:
 
 #: Model and preset fields added after rows were stored, with the value that does what those rows
 #: did. At that value a field stays out of the fingerprints, so the rows are still found.
-LATER_MODEL_FIELDS: dict[str, Any] = {"stem_depth": 1}
+LATER_MODEL_FIELDS: dict[str, Any] = {"stem_depth_2d": 1, "stem_depth_3d": 1}
 LATER_PRESET_FIELDS: dict[str, Any] = {"fine_tune_warmup": 0.0}
 #: Those of them that only fine-tunes read.
 LATER_FINE_TUNE_FIELDS: tuple[str, ...] = ("fine_tune_warmup",)

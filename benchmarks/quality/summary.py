@@ -253,7 +253,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
     fed = st["federation"]
     lines += [f"Model `{st['model']['preset']}` (dim {st['model']['dim']}, depth {st['model']['depth']}, "
               f"{st['model'].get('stem', 'patch')} stem"
-              + (f", {st['model']['stem_depth']} convs a stage" if st["model"].get("stem_depth", 1) > 1 else "")
+              + "".join(f", {st['model'][f'stem_depth_{d}']} convs a stage in {d.upper()}" for d in ("2d", "3d")
+                        if st["model"].get(f"stem_depth_{d}", 1) > 1)
               + (", full resolution in 3D" if st["model"].get("stem_3d_full_res") else "")
               + f"), pretext {st['pretext']}, {fed['rounds']} rounds x "
               + (f"{fed['local_steps']} local steps" if fed["local_steps"] else f"{fed['local_epochs']:g} local epoch(s)")
