@@ -52,7 +52,9 @@ class MedformerConfig:
             small supervised CNN's pattern (``baselines.SmallCNN``). Tried on validation at 2 in 2D and
             3D (federated, benchmarks/results/deepstem-val/): the same mean at twice the pretraining
             cost; vessel gained, breast lost.
-        stem_depth_3d: the same for the 3D conv stems.
+        stem_depth_3d: the same for the 3D conv stems. Tried on validation at 2 with 1 in 2D
+            (benchmarks/results/deepstem3d-val/): the fine-tune mean level, the 3D probes up, at
+            1.85x the pretraining cost.
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
         num_queries: query tokens per downstream task head.
