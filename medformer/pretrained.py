@@ -184,12 +184,26 @@ def _register_datasets(config: Mapping[str, Any], where: str) -> list[tuple[str,
     return out
 
 
+#: MedformerConfig fields renamed after a version that exported them: old name -> the fields it became.
+RENAMED_MODEL_FIELDS: dict[str, tuple[str, ...]] = {"stem_depth": ("stem_depth_2d", "stem_depth_3d")}
+
+
+def _model_fields(exported: Mapping[str, Any]) -> dict[str, Any]:
+    """An exported config's model fields under today's names."""
+    fields = dict(exported)
+    for old, new in RENAMED_MODEL_FIELDS.items():
+        if old in fields:
+            value = fields.pop(old)
+            fields.update({name: value for name in new if name not in fields})
+    return fields
+
+
 def build_from_config(config: Mapping[str, Any], datasets: Iterable[DatasetRef] | None = None, *,
                       where: str = "config") -> Medformer:
     """A freshly initialised (seeded) Medformer of ``config``'s architecture, heads and probes, for its
     datasets, or for ``datasets`` (a superset: new datasets get new tokenizers, latents, pretext parts)."""
     try:
-        cfg = MedformerConfig(**config["model"])
+        cfg = MedformerConfig(**_model_fields(config["model"]))
     except (TypeError, ValueError) as e:
         raise ModelDirError(f"{where}: its architecture does not fit this medformer-fl's Medformer "
                             f"(exported by {config.get('library', {}).get('medformer-fl', '?')}): {e}") from None

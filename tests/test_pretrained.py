@@ -20,7 +20,7 @@ from medmnist.evaluator import getAUC
 from config import load_scenario
 from inprocess import InProcessGrid
 from medformer.data import get_info, load_split
-from medformer.model import make_config
+from medformer.model import build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.predict import read_scores_csv
 from server.checkpoint import load_latest
@@ -320,6 +320,25 @@ def test_pretext_tokenizers_and_heads_survive_export(tmp_path):
     save_pretrained(model, tmp_path / "m", preset="tiny", pretext=pretext)
     loaded = load_pretrained(tmp_path / "m")
     assert set(loaded.state_dict()) == set(model.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_model_exported_with_a_renamed_field_still_loads(tmp_path):
+    """``stem_depth`` became ``stem_depth_2d`` and ``stem_depth_3d``: a config.json written before
+    loads into the same architecture and weights (the config is not covered by the weights' hash)."""
+    from medformer.pretrained import load_pretrained, save_pretrained
+
+    torch.manual_seed(4)
+    model = build_medformer(make_config("medformer_tiny_deepconv49_fr3d"),
+                            [("adrenalmnist3d", 28), ("breastmnist", 28)])
+    save_pretrained(model, tmp_path / "m", preset="medformer_tiny_deepconv49_fr3d")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    fields = config["model"]
+    fields["stem_depth"] = fields.pop("stem_depth_2d")
+    del fields["stem_depth_3d"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.cfg == model.cfg
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
