@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,24 +150,58 @@ def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_
     assert after.row_fingerprint("cnn_scratch") == before.row_fingerprint("cnn_scratch")
 
 
-def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes_them_off_it(tmp_path):
-    """``fine_tune_warmup`` came after rows were stored: at 0 it is out of every fingerprint; a
-    warm-up changes the fine-tuning rows' (the CNN's too) and leaves the pretrainings and the rows
-    that only probe alone."""
+@pytest.mark.parametrize("field,argument", [("fine_tune_warmup", "warmup"), ("fine_tune_ema", "ema")])
+def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes_them_off_it(tmp_path, field, argument):
+    """``fine_tune_warmup`` and ``fine_tune_ema`` came after rows were stored: at 0 they are out of
+    every fingerprint; off 0 they change the fine-tuning rows' (the CNN's too) and leave the
+    pretrainings and the rows that only probe alone."""
     from benchmarks.quality.experiment import LATER_PRESET_FIELDS, PRESETS, Experiment, preset_fields, with_overrides
 
     def experiment(preset):
         return Experiment("full", preset, ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
 
     assert not set(LATER_PRESET_FIELDS) & set(preset_fields(PRESETS["full"]))
-    before, after = experiment(PRESETS["full"]), experiment(with_overrides(PRESETS["full"], fields=["fine_tune_warmup=0.1"]))
-    assert after.preset.fine_tune_warmup == 0.1 and after.preset.fine_tune_kwargs(0)["warmup"] == 0.1
+    before, after = experiment(PRESETS["full"]), experiment(with_overrides(PRESETS["full"], fields=[f"{field}=0.1"]))
+    assert getattr(after.preset, field) == 0.1 and after.preset.fine_tune_kwargs(0)[argument] == 0.1
     for method in ("supervised_scratch", "cnn_scratch", "federated", "label_efficiency"):
         assert after.row_fingerprint(method) != before.row_fingerprint(method), method
     for method in ("random_init", "local_only", "centralized", "dp_federated"):
         assert after.row_fingerprint(method) == before.row_fingerprint(method), method
         assert after.row_fingerprint(method, probe=False) == before.row_fingerprint(method, probe=False), method
     assert after.pretrain_fingerprint == before.pretrain_fingerprint
+
+
+def test_the_holdout_split_scores_a_stratified_share_of_train_and_never_reads_test():
+    """``holdout_split``: the rows learn from train less a class-stratified HOLDOUT_SHARE and are
+    scored on that share, the same examples every time; val is untouched and test is not kept."""
+    from benchmarks.quality.experiment import HOLDOUT_SHARE, holdout_split
+    from medformer.data import MedMNISTSplit
+
+    n = 200
+    index_images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)  # each image names its index
+    labels = (np.arange(n) % 3 == 0).astype(np.int64).reshape(n, 1)
+    whole = {name: MedMNISTSplit("breastmnist", name, 28, index_images.copy(), labels.copy())
+             for name in ("train", "val", "test")}
+    scored = holdout_split(whole, "binary-class")
+    held, kept = set(scored["test"].images.ravel()), set(scored["train"].images.ravel())
+    assert scored["val"] is whole["val"] and scored["test"].split == "train"
+    assert len(held) == round(HOLDOUT_SHARE * n) and not held & kept and held | kept == set(range(n))
+    for c in (0, 1):  # every class keeps its share in the held-out part
+        assert abs((scored["test"].labels == c).sum() / (labels == c).sum() - HOLDOUT_SHARE) < 0.02
+    assert np.array_equal(holdout_split(whole, "binary-class")["test"].images, scored["test"].images)
+
+
+def test_an_experiment_scores_the_holdout_split_only_under_holdout(tmp_path, real_data_dir):
+    from benchmarks.quality.experiment import PRESETS, Experiment
+
+    def experiment(split):
+        return Experiment("quick", PRESETS["quick"], ["breastmnist"], str(real_data_dir), tmp_path, split=split)
+
+    val, holdout = experiment("val"), experiment("holdout")
+    assert val.scored_splits("breastmnist") is val.splits("breastmnist")
+    whole, scored = holdout.splits("breastmnist"), holdout.scored_splits("breastmnist")
+    assert len(scored["train"]) + len(scored["test"]) == len(whole["train"]) and scored["val"] is whole["val"]
+    assert holdout.fingerprint != val.fingerprint and holdout.pretrain_fingerprint == val.pretrain_fingerprint
 
 
 def test_quality_evaluate_scores_a_subset_of_a_federation_of_all(tmp_path, real_data_dir):

@@ -488,3 +488,34 @@ def test_a_probe_fitted_on_another_read_out_is_refused_by_name(synth_dir) -> Non
         score_split(model, sp["test"], "breastmnist")
     attach_probe(model, "breastmnist", LinearProbe(model.probe_dim, 2))
     assert score_split(model, sp["test"], "breastmnist").shape == (len(sp["test"]), 2)
+
+
+def test_weight_average_is_an_exponential_moving_average_with_a_ramped_decay() -> None:
+    from medformer.eval.finetune import WeightAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.GroupNorm(1, 2))
+    frozen = net[1].weight.detach().clone()
+    avg = WeightAverage(net, 0.9)
+    expected = net[0].weight.detach().clone()
+    for t in range(1, 40):
+        with torch.no_grad():
+            net[0].weight.add_(torch.randn_like(net[0].weight))
+        avg.update(net)
+        decay = min(0.9, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * net[0].weight.detach()
+    assert torch.allclose(avg.model[0].weight, expected, atol=1e-6)
+    assert torch.equal(avg.model[1].weight, frozen)  # a parameter that never moves stays exact
+    assert not any(p.requires_grad for p in avg.model.parameters())
+
+
+def test_fine_tune_ema_chooses_the_averaged_weights_and_is_checked(synth_dir) -> None:
+    sp = _splits(synth_dir, "breastmnist")
+    model = _model("breastmnist")
+    kw = dict(epochs=3, batch_size=16, seed=0, score_test=False, return_model=True)
+    plain, averaged = (fine_tune(model, sp, "breastmnist", **kw, ema=e) for e in (0.0, 0.9))
+    # The same training, seen through other weights: the returned (chosen) weights differ.
+    assert any(not torch.equal(a, b) for a, b in zip(plain["model"].state_dict().values(),
+                                                      averaged["model"].state_dict().values()))
+    with pytest.raises(ValueError, match="ema must be a decay in \\[0, 1\\), got 1.0"):
+        fine_tune(model, sp, "breastmnist", **kw, ema=1.0)

@@ -60,6 +60,9 @@ from medformer.data import DataError, resolve_data_dir
 log = logging.getLogger("benchmarks.quality")
 
 DEFAULT_SEEDS = {"full": (0, 1, 2), "quick": (0,)}
+SPLIT_LABELS = {"test": "full benchmark", "val": "VALIDATION: choosing settings; the test split was not read",
+                "holdout": "HOLD-OUT: scored on a held-out 20% of train, settings chosen on validation; "
+                           "the test split was not read"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,7 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="override the preset's federated rounds")
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="test: score the configuration (once); val: choose settings, every row scored on "
-                        "validation and the test split never read; rows go to quality-<preset>-val.jsonl")
+                        "validation and the test split never read; rows go to quality-<preset>-val.jsonl; "
+                        "holdout: judge how settings are chosen, rows learn from train less a stratified 20%%, "
+                        "choose on validation and are scored on that held-out 20%% (test never read); rows go "
+                        "to quality-<preset>-holdout.jsonl")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="scenario override on top of the preset's (e.g. pretext={mae: 1}; repeatable)")
     p.add_argument("--dp-set", action="append", default=[], metavar="KEY=VALUE",
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"estimated wall time at the {which} measured FLOP rate: "
                       f"{fmt_seconds(pl[f'estimated_seconds_{which}'])}", file=sys.stderr)
         return 0
-    name = f"quality-{preset_name}" + ("-val" if args.split == "val" else "")
+    name = f"quality-{preset_name}" + ("" if args.split == "test" else f"-{args.split}")
     jsonl = out / f"{name}.jsonl"
     fingerprints = {m: exp.row_fingerprint(m) for m in METHODS}  # once: the CNN's builds two models
     # What a new probe (read-out or C grid) leaves alone (the same as ``fingerprints`` for rows without one).
@@ -212,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     compute["this invocation"] = time.perf_counter() - t_start
     payload = {
         "benchmark": "quality", "preset": preset_name, "quick": args.quick, "split": args.split,
-        "label": QUICK_LABEL if args.quick else ("VALIDATION: choosing settings; the test split was not read"
-                                                 if args.split == "val" else "full benchmark"),
+        "label": QUICK_LABEL if args.quick else SPLIT_LABELS[args.split],
         "machine": machine_info(), "command": command_line(), "seeds": summary["seeds"], "datasets": datasets,
         "methods": list(METHODS), "fingerprint": exp.fingerprint, "settings": exp.describe(),
         "federation_note": "in-process, without Flower's messages: per round every site runs the product's "
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     # Judged only on the test split of the full preset, and the time target only on the whole benchmark.
     payload["targets"] = evaluate_targets(summary, datasets, compute["rows (sum of row wall times)"],
                                           complete=complete and set(datasets) == set(DATASETS),
-                                          seeds=len(all_seeds), judge=not (args.quick or args.split == "val"))
+                                          seeds=len(all_seeds), judge=not args.quick and args.split == "test")
     payload["plot"] = f"{name}.png"
     plot_quality(payload, out / payload["plot"])
     js, md = write_result(out, name, payload, render_markdown(payload))

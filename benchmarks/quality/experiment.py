@@ -26,8 +26,9 @@ from benchmarks.common import REPO, load_average
 from client.round import train_round
 from config import Scenario, ScenarioError, load_scenario
 from medformer.baselines import small_cnn
-from medformer.data import AUGMENTATIONS, MedMNISTSplit, load_splits
-from medformer.eval import DEFAULT_CS, PROBE_READOUT, RECIPE, fine_tune, linear_probe, random_init_reference, recipe_epochs
+from medformer.data import AUGMENTATIONS, MedMNISTSplit, get_info, load_splits
+from medformer.eval import (DEFAULT_CS, PROBE_READOUT, RECIPE, fine_tune, label_subset, linear_probe,
+                            random_init_reference, recipe_epochs)
 from medformer.model import Medformer, MedformerConfig, build_medformer, make_config
 from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.seeding import round_seed
@@ -50,7 +51,9 @@ PROBED = ("random_init", *PRETRAINED)
 NEVER_FINE_TUNED = ("random_init", "local_only", "centralized", "dp_federated")
 # Preset fields that only pretraining (and the rows built on it) read.
 PRETRAINING_FIELDS = ("scenario", "sets", "dp_sets", "federated_fine_tune", "label_fractions")
-SPLITS = ("test", "val")
+SPLITS = ("test", "val", "holdout")
+# The ``holdout`` split's share of each train split (class-stratified, the same draw for every row).
+HOLDOUT_SHARE = 0.2
 QUICK_LABEL = "QUICK MODE: tiny model and a few steps; checks that every row runs, NOT for the numbers"
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Preset:
         fine_tune_augment: fine-tune augmentation policy (``medformer.data.AUGMENTATIONS``: none,
             mirror, views).
         fine_tune_warmup: share of a fine-tune's steps spent warming its learning rates up linearly.
+        fine_tune_ema: decay of the fine-tune's weight average (0: none; ``fine_tune(ema=...)``).
         max_train_examples: cap on the labelled examples a probe / fine-tune sees (None = all).
         label_fractions: label shares of the label-efficiency rows (besides 100%).
         min_steps: every fine-tune takes at least this many optimizer steps (more epochs on small
@@ -90,6 +94,7 @@ class Preset:
     fine_tune_batch: int = 128
     fine_tune_augment: str = "none"
     fine_tune_warmup: float = 0.0
+    fine_tune_ema: float = 0.0
     max_train_examples: int | None = None
     label_fractions: tuple[float, ...] = (0.01, 0.1)
     min_steps: int = 50
@@ -105,7 +110,8 @@ class Preset:
         """``medformer.eval.fine_tune`` arguments (it sizes the epochs from the labels it draws)."""
         return dict(epochs=self.fine_tune_epochs, min_steps=self.min_steps,
                     lr=self.fine_tune_lr, encoder_lr=self.fine_tune_encoder_lr, batch_size=self.fine_tune_batch,
-                    augment=self.fine_tune_augment, warmup=self.fine_tune_warmup, validations=self.validations,
+                    augment=self.fine_tune_augment, warmup=self.fine_tune_warmup, ema=self.fine_tune_ema,
+                    validations=self.validations,
                     seed=seed, max_train_examples=self.max_train_examples)
 
 
@@ -147,7 +153,7 @@ PRESETS: dict[str, Preset] = {
 FT_FIELDS: dict[str, tuple[type, bool]] = {  # name -> (type, None allowed)
     "scenario": (str, False), "fine_tune_epochs": (int, False), "fine_tune_lr": (float, False),
     "fine_tune_encoder_lr": (float, True), "fine_tune_batch": (int, False), "fine_tune_augment": (str, False),
-    "fine_tune_warmup": (float, False),
+    "fine_tune_warmup": (float, False), "fine_tune_ema": (float, False),
     "max_train_examples": (int, True), "label_fractions": (tuple, False), "min_steps": (int, False),
     "validations": (int, True), "federated_fine_tune": (bool, False),
 }
@@ -208,6 +214,10 @@ class Experiment:
 
     ``split="val"`` chooses settings: every row is scored on the validation split and the test split
     is never read (``score_test=False``); ``"test"`` scores the chosen configuration once.
+    ``"holdout"`` judges how settings are chosen: probes and fine-tunes learn from the train split less
+    a stratified ``HOLDOUT_SHARE``, choose on validation as always, and are scored on that held-out
+    share of train, so a rule that picks well on validation and one that only flatters validation
+    come apart without reading test. Pretraining still reads the whole train split, unlabelled.
     """
 
     def __init__(self, preset_name: str, preset: Preset, datasets: Sequence[str], data_dir: str, out: Path,
@@ -308,6 +318,12 @@ class Experiment:
         if dataset not in self._splits:
             self._splits[dataset] = load_splits(dataset, size=28, data_dir=self.data_dir)
         return self._splits[dataset]
+
+    def scored_splits(self, dataset: str) -> dict[str, MedMNISTSplit]:
+        """The splits the rows learn from, choose on and are scored on (``"test"``): under ``holdout``
+        the scored split is a held-out share of train (``holdout_split``); otherwise the dataset's own."""
+        splits = self.splits(dataset)
+        return holdout_split(splits, get_info(dataset).task) if self.split == "holdout" else splits
 
     def steps_per_round(self, dataset: str, spec: TrainingSpec | None = None) -> int:
         """Local steps per round at ``dataset``'s site under ``spec`` (default: the preset's training)."""
@@ -449,10 +465,10 @@ class Experiment:
         """One row's metrics. ``earlier_fine_tune``: the federated fine-tune of this experiment's row
         with another probe read-out or C grid (``row_fingerprint(probe=False)``), taken instead of redone."""
         p = self.preset
-        splits = self.splits(dataset)
+        splits = self.scored_splits(dataset)
         cap = p.max_train_examples
-        ft = {**p.fine_tune_kwargs(seed), "score_test": self.split == "test"}
-        probe = dict(seed=seed, max_train_examples=cap, score_test=self.split == "test")
+        ft = {**p.fine_tune_kwargs(seed), "score_test": self.split != "val"}
+        probe = dict(seed=seed, max_train_examples=cap, score_test=self.split != "val")
 
         def all_labels(model) -> dict[str, float]:
             return _numbers(fine_tune(model, splits, dataset, **ft))
@@ -483,12 +499,21 @@ class Experiment:
         return out
 
 
+def holdout_split(splits: dict[str, MedMNISTSplit], task: str) -> dict[str, MedMNISTSplit]:
+    """``splits`` with a class-stratified ``HOLDOUT_SHARE`` of train taken out of it and put in
+    test's place (the same draw whatever the row's seed, so every row is scored on the same examples)."""
+    train = splits["train"]
+    held = label_subset(train.labels, task, fraction=HOLDOUT_SHARE, seed=0)
+    kept = np.setdiff1d(np.arange(len(train)), held)
+    return {"train": train.subset(kept), "val": splits["val"], "test": train.subset(held)}
+
+
 #: Model and preset fields added after rows were stored, with the value that does what those rows
 #: did. At that value a field stays out of the fingerprints, so the rows are still found.
 LATER_MODEL_FIELDS: dict[str, Any] = {"stem_depth_2d": 1, "stem_depth_3d": 1}
-LATER_PRESET_FIELDS: dict[str, Any] = {"fine_tune_warmup": 0.0}
+LATER_PRESET_FIELDS: dict[str, Any] = {"fine_tune_warmup": 0.0, "fine_tune_ema": 0.0}
 #: Those of them that only fine-tunes read.
-LATER_FINE_TUNE_FIELDS: tuple[str, ...] = ("fine_tune_warmup",)
+LATER_FINE_TUNE_FIELDS: tuple[str, ...] = ("fine_tune_warmup", "fine_tune_ema")
 
 
 def _as_stored(settings: Any, later: dict[str, Any]) -> dict[str, Any]:

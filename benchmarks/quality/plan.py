@@ -59,7 +59,7 @@ def plan(exp: "Experiment", seeds: Sequence[int], methods: Sequence[str], system
         work["3d" if get_info(d).is_3d else "2d"] += n * flops[d][kind] * len(seeds)
 
     for d in exp.datasets:
-        sp = exp.splits(d)
+        sp = exp.scored_splits(d)  # what the probes and fine-tunes learn from and are scored on
         n_tr = len(label_subset(sp["train"].labels, sp["train"].info.task, max_examples=p.max_train_examples))
         n_eval, n_test = len(sp["val"]), len(sp["test"])
         pre_images = exp.scenario.training.rounds * exp.steps_per_round(d) * exp.spec.batch_size

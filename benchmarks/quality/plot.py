@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.summary import COLUMN_NAMES
+from benchmarks.quality.summary import COLUMN_NAMES, SCORED_ON
 
 
 def plot_quality(payload: dict[str, Any], path: Path) -> None:
@@ -38,7 +38,7 @@ def plot_quality(payload: dict[str, Any], path: Path) -> None:
     axes[0][0].set_yticks(range(len(names)), [COLUMN_NAMES[c] for c in names], fontsize=8)
     axes[0][0].invert_yaxis()
     seeds = ", ".join(map(str, payload["summary"]["seeds"]))
-    where = "validation" if payload.get("split") == "val" else "test"
+    where = SCORED_ON[payload.get("split", "test")].lower()
     fig.suptitle(f"{where} AUC, mean ± std over seeds {seeds}; dashed: MedMNIST v2 ResNet-18 (test)", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

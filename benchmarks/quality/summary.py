@@ -233,17 +233,25 @@ def cost_table(costs: dict[str, Any], where: str = "Test") -> list[str]:
             "rows share one).", ""]
 
 
+#: What the numbers of each ``--split`` are scored on.
+SCORED_ON = {"test": "Test", "val": "Validation", "holdout": "Held-out train"}
+
+
 def render_markdown(payload: dict[str, Any]) -> str:
     quick = payload["quick"]
     split = payload.get("split", "test")
-    where = "Validation" if split == "val" else "Test"
+    where = SCORED_ON[split]
     s = payload["summary"]
     ds = payload["datasets"]
-    lines = [f"# Learning quality{' — QUICK MODE' if quick else ''}{' — VALIDATION (choosing settings)' if split == 'val' else ''}", ""]
+    title = {"test": "", "val": " — VALIDATION (choosing settings)", "holdout": " — HOLD-OUT (judging the choice)"}
+    lines = [f"# Learning quality{' — QUICK MODE' if quick else ''}{title[split]}", ""]
     if quick:
         lines += [f"> **{QUICK_LABEL}.**", ""]
     if split == "val":
         lines += ["> Every number here is on the validation splits; the test splits were not read.", ""]
+    if split == "holdout":
+        lines += ["> Every number here is on a held-out 20% of each train split (the rows learnt from the "
+                  "other 80% and chose on validation); the test splits were not read.", ""]
     lines += header_lines(payload)
     lines += [f"- preset: `{payload['preset']}` (fingerprint `{payload['fingerprint']}`); "
               f"{payload['rows_done']} of {payload['rows_expected']} rows done"
