@@ -140,6 +140,7 @@ PRESETS: dict[str, Preset] = {
     # The product holds the kept recipe (medformer.eval.RECIPE, medfl finetune's defaults).
     "full": Preset(fine_tune_batch=RECIPE["batch_size"], fine_tune_lr=RECIPE["lr"],
                    fine_tune_encoder_lr=RECIPE["encoder_lr"], fine_tune_warmup=RECIPE["warmup"],
+                   fine_tune_ema=RECIPE["ema"],
                    fine_tune_epochs=RECIPE["min_epochs"],
                    min_steps=RECIPE["min_steps"], fine_tune_augment="none", validations=20),
     "quick": Preset(sets=("model.preset=tiny", "training.rounds=2", "training.local_steps=2",
