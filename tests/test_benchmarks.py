@@ -150,7 +150,8 @@ def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_
     assert after.row_fingerprint("cnn_scratch") == before.row_fingerprint("cnn_scratch")
 
 
-@pytest.mark.parametrize("field,argument", [("fine_tune_warmup", "warmup"), ("fine_tune_ema", "ema")])
+@pytest.mark.parametrize("field,argument", [("fine_tune_warmup", "warmup"), ("fine_tune_ema", "ema"),
+                                            ("fine_tune_head_first", "head_first")])
 def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes_them_off_it(tmp_path, field, argument):
     """``fine_tune_warmup`` and ``fine_tune_ema`` came after rows were stored: at 0 they are out of
     every fingerprint; off 0 they change the fine-tuning rows' (the CNN's too) and leave the

@@ -519,3 +519,21 @@ def test_fine_tune_ema_chooses_the_averaged_weights_and_is_checked(synth_dir) ->
                                                       averaged["model"].state_dict().values()))
     with pytest.raises(ValueError, match="ema must be a decay in \\[0, 1\\), got 1.0"):
         fine_tune(model, sp, "breastmnist", **kw, ema=1.0)
+
+
+def test_fine_tune_head_first_trains_the_head_alone_then_the_encoder(synth_dir) -> None:
+    """LP-FT: over the first ``head_first`` share of the steps the encoder gets no step at all."""
+    sp = _splits(synth_dir, "breastmnist")
+    model = _model("breastmnist", heads=False)
+    encoder = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(epochs=2, batch_size=16, seed=0, score_test=False, return_model=True, validations=1)
+
+    def moved(result) -> bool:
+        tuned = result["model"].state_dict()
+        return any(not torch.equal(tuned[k], v) for k, v in encoder.items())
+
+    head_only = fine_tune(model, sp, "breastmnist", head_first=0.99, **kw)  # 16 steps, all frozen
+    assert not moved(head_only) and "breastmnist" in head_only["model"].outputs
+    assert moved(fine_tune(model, sp, "breastmnist", head_first=0.5, **kw))
+    with pytest.raises(ValueError, match="head_first must be a share of the steps in \\[0, 1\\), got 1.0"):
+        fine_tune(model, sp, "breastmnist", head_first=1.0, **kw)

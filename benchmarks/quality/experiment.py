@@ -71,6 +71,7 @@ class Preset:
             mirror, views).
         fine_tune_warmup: share of a fine-tune's steps spent warming its learning rates up linearly.
         fine_tune_ema: decay of the fine-tune's weight average (0: none; ``fine_tune(ema=...)``).
+        fine_tune_head_first: share of a fine-tune's first steps that train the head alone (LP-FT).
         max_train_examples: cap on the labelled examples a probe / fine-tune sees (None = all).
         label_fractions: label shares of the label-efficiency rows (besides 100%).
         min_steps: every fine-tune takes at least this many optimizer steps (more epochs on small
@@ -95,6 +96,7 @@ class Preset:
     fine_tune_augment: str = "none"
     fine_tune_warmup: float = 0.0
     fine_tune_ema: float = 0.0
+    fine_tune_head_first: float = 0.0
     max_train_examples: int | None = None
     label_fractions: tuple[float, ...] = (0.01, 0.1)
     min_steps: int = 50
@@ -111,7 +113,7 @@ class Preset:
         return dict(epochs=self.fine_tune_epochs, min_steps=self.min_steps,
                     lr=self.fine_tune_lr, encoder_lr=self.fine_tune_encoder_lr, batch_size=self.fine_tune_batch,
                     augment=self.fine_tune_augment, warmup=self.fine_tune_warmup, ema=self.fine_tune_ema,
-                    validations=self.validations,
+                    head_first=self.fine_tune_head_first, validations=self.validations,
                     seed=seed, max_train_examples=self.max_train_examples)
 
 
@@ -155,6 +157,7 @@ FT_FIELDS: dict[str, tuple[type, bool]] = {  # name -> (type, None allowed)
     "scenario": (str, False), "fine_tune_epochs": (int, False), "fine_tune_lr": (float, False),
     "fine_tune_encoder_lr": (float, True), "fine_tune_batch": (int, False), "fine_tune_augment": (str, False),
     "fine_tune_warmup": (float, False), "fine_tune_ema": (float, False),
+    "fine_tune_head_first": (float, False),
     "max_train_examples": (int, True), "label_fractions": (tuple, False), "min_steps": (int, False),
     "validations": (int, True), "federated_fine_tune": (bool, False),
 }
@@ -512,9 +515,9 @@ def holdout_split(splits: dict[str, MedMNISTSplit], task: str) -> dict[str, MedM
 #: Model and preset fields added after rows were stored, with the value that does what those rows
 #: did. At that value a field stays out of the fingerprints, so the rows are still found.
 LATER_MODEL_FIELDS: dict[str, Any] = {"stem_depth_2d": 1, "stem_depth_3d": 1}
-LATER_PRESET_FIELDS: dict[str, Any] = {"fine_tune_warmup": 0.0, "fine_tune_ema": 0.0}
+LATER_PRESET_FIELDS: dict[str, Any] = {"fine_tune_warmup": 0.0, "fine_tune_ema": 0.0, "fine_tune_head_first": 0.0}
 #: Those of them that only fine-tunes read.
-LATER_FINE_TUNE_FIELDS: tuple[str, ...] = ("fine_tune_warmup", "fine_tune_ema")
+LATER_FINE_TUNE_FIELDS: tuple[str, ...] = tuple(LATER_PRESET_FIELDS)
 
 
 def _as_stored(settings: Any, later: dict[str, Any]) -> dict[str, Any]:

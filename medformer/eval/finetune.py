@@ -46,6 +46,7 @@ def fine_tune(
     weight_decay: float = 0.05,
     warmup: float = 0.0,
     ema: float = 0.0,
+    head_first: float = 0.0,
     seed: int = 0,
     max_train_examples: int | None = None,
     augment: bool | str = False,
@@ -81,6 +82,10 @@ def fine_tune(
             validation curve is smoother, so the epoch chosen on a small validation split is less
             a matter of luck. The decay ramps up as ``min(ema, (1 + t) / (10 + t))`` after ``t``
             steps, so the average does not linger on the initial head.
+        head_first: share of the steps (in [0, 1)) at the start during which only the head trains,
+            the encoder frozen, as in LP-FT (Kumar et al., 2022): a random head's first gradients
+            otherwise flow into the pretrained encoder and distort its features. The encoder then
+            gets its own warm-up and cosine over the remaining steps; the head keeps one schedule.
         seed: seeds the label subset, a new head's init and the shuffling.
         max_train_examples: optional cap on train examples (stratified too).
         augment: training augmentation, a ``medformer.data.AUGMENTATIONS`` policy: ``"mirror"``
@@ -109,6 +114,8 @@ def fine_tune(
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if not 0.0 <= warmup < 1.0:
         raise ValueError(f"warmup must be a share of the steps in [0, 1), got {warmup!r}")
+    if not 0.0 <= head_first < 1.0:
+        raise ValueError(f"head_first must be a share of the steps in [0, 1), got {head_first!r}")
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema must be a decay in [0, 1), got {ema!r}")
     policy = ("views" if augment else "none") if isinstance(augment, bool) else augment
@@ -129,14 +136,20 @@ def fine_tune(
     # Only the parts on this dataset's path train (a new head if needed); everything else stays frozen.
     heads, encoder = net.fine_tune_parts(dataset, seed=seed)
     enc_lr = lr / 3 if encoder_lr is None else encoder_lr
-    groups = [(heads, lr), (encoder, enc_lr)]
-    optim = torch.optim.AdamW(
-        [{"params": [p for p in ps if (p.ndim >= 2) == decay], "lr": group_lr,
-          "weight_decay": weight_decay if decay else 0.0}
-         for ps, group_lr in groups for decay in (True, False) if any((p.ndim >= 2) == decay for p in ps)],
-        lr=lr, weight_decay=weight_decay,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, warmup_cosine(epochs * steps_per_epoch, warmup))
+    total_steps = epochs * steps_per_epoch
+    frozen_steps = int(round(head_first * total_steps))  # the encoder's steps start after these
+    head_factor, encoder_after = warmup_cosine(total_steps, warmup), warmup_cosine(total_steps - frozen_steps, warmup)
+
+    def encoder_factor(step: int) -> float:
+        return 0.0 if step < frozen_steps else encoder_after(step - frozen_steps)
+
+    groups = [(heads, lr, head_factor), (encoder, enc_lr, encoder_factor)]
+    param_groups = [({"params": [p for p in ps if (p.ndim >= 2) == decay], "lr": group_lr,
+                      "weight_decay": weight_decay if decay else 0.0}, factor)
+                    for ps, group_lr, factor in groups for decay in (True, False)
+                    if any((p.ndim >= 2) == decay for p in ps)]
+    optim = torch.optim.AdamW([g for g, _ in param_groups], lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, [factor for _, factor in param_groups])
     averaged = WeightAverage(net, ema) if ema > 0 else None
     chosen = net if averaged is None else averaged.model  # the weights validated, chosen and scored
 
@@ -144,6 +157,7 @@ def fine_tune(
     best_state: dict[str, torch.Tensor] = {}
     best_epoch, best_val = 0, {"auc": math.nan, "acc": math.nan}
     validate_at = validation_epochs(epochs, validations)
+    step = 0
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(n, generator=gen).numpy()
@@ -151,6 +165,9 @@ def fine_tune(
         for s in range(0, n, batch_size):
             x, y = train.batch(order[s : s + batch_size], device=device)  # [B, C, *S], [B, L]
             x = augmented(x, policy, gen)
+            if step in (0, frozen_steps):  # frozen (no gradients, no Adam state) for the head-first steps
+                for p in encoder:
+                    p.requires_grad_(step >= frozen_steps)
             loss = head_loss(net(x, dataset), y, task).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tune loss is {loss.item()} at epoch {epoch} on {dataset}; lower lr")
@@ -158,6 +175,7 @@ def fine_tune(
             loss.backward()
             optim.step()
             sched.step()
+            step += 1
             if averaged is not None:
                 averaged.update(net)
             total += loss.item() * x.shape[0]
