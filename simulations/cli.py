@@ -167,7 +167,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     m = run_finetune(args.model_dir, dataset=args.dataset, size=args.size, data_dir=args.data_dir,
                      label_fraction=args.label_fraction, epochs=args.epochs, lr=args.lr, encoder_lr=args.encoder_lr,
-                     batch_size=args.batch_size, warmup=args.warmup, ema=args.ema,
+                     batch_size=args.batch_size, warmup=args.warmup, ema=args.ema, head_first=args.head_first,
                      seed=args.seed, augment=args.augment, probe=args.linear_probe,
                      max_train_examples=args.max_train_examples, device=args.device, out=args.out,
                      progress=not args.no_progress)
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training batch size (default %(default)s)")
     f.add_argument("--warmup", type=float, default=RECIPE["warmup"],
                    help="share of the steps over which the learning rates rise linearly (default %(default)g)")
+    f.add_argument("--head-first", type=float, default=RECIPE["head_first"],
+                   help="share of the first steps that train the head alone, the encoder frozen (LP-FT; "
+                        "default %(default)g)")
     f.add_argument("--ema", type=float, default=RECIPE["ema"],
                    help="decay per step of a moving average of the weights, which is then what is validated, "
                         "chosen and saved (0: none; default %(default)g)")

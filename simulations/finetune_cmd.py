@@ -50,6 +50,7 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
                  label_fraction: float = 1.0, epochs: int | None = None, lr: float = RECIPE["lr"],
                  encoder_lr: float = RECIPE["encoder_lr"], batch_size: int = RECIPE["batch_size"],
                  warmup: float = RECIPE["warmup"], ema: float = RECIPE["ema"],
+                 head_first: float = RECIPE["head_first"],
                  seed: int = 0, augment: str = "none", probe: bool = False, max_train_examples: int | None = None,
                  device: str = "auto", out: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Fine-tune (or probe) and write the out folder; returns metrics.json's content. ``epochs=None``:
@@ -61,6 +62,8 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
         raise DataError(f"--epochs {epochs} and --batch-size {batch_size} must be >= 1")
     if not 0.0 <= warmup < 1.0:
         raise DataError(f"--warmup {warmup} must be a share of the steps in [0, 1)")
+    if not 0.0 <= head_first < 1.0:
+        raise DataError(f"--head-first {head_first} must be a share of the steps in [0, 1)")
     if not 0.0 <= ema < 1.0:
         raise DataError(f"--ema {ema} must be a decay in [0, 1) (0: no weight average)")
     register_data_dir(data_dir)
@@ -101,7 +104,8 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
                 bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val_auc=f"{stats['val_auc']:.3f}")
 
             result = fine_tune(model, splits, dataset, epochs=min_epochs, min_steps=min_steps, lr=lr,
-                               encoder_lr=encoder_lr, batch_size=batch_size, warmup=warmup, ema=ema, augment=augment,
+                               encoder_lr=encoder_lr, batch_size=batch_size, warmup=warmup, ema=ema, head_first=head_first,
+                               augment=augment,
                                progress=step, return_model=True, **kw)
         final = result.pop("model")
         # The encoder changed: heads and probes fitted to the old one would score wrongly; only this one stays.
@@ -121,7 +125,7 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
         "label_fraction": label_fraction, "seed": seed, "device": str(dev), "augment": augment if not probe else None,
         "lr": lr if not probe else None, "encoder_lr": encoder_lr if not probe else None,
         "batch_size": batch_size if not probe else None, "warmup": warmup if not probe else None,
-        "ema": ema if not probe else None,
+        "ema": ema if not probe else None, "head_first": head_first if not probe else None,
         "from_model": str(Path(model_dir).resolve()), "new_parts": parts, "fresh_head": fresh_head,
         "dropped_heads": dropped, "seconds": round(time.monotonic() - t0, 2),
     }
@@ -143,6 +147,7 @@ def report(m: dict[str, Any]) -> str:
     settings = (f"C chosen on val: {m.get('C')}" if m["method"] == "linear_probe" else
                 f"{m['epochs']} epoch(s), best epoch {m['best_epoch']} (chosen on val), lr {m['lr']:g} "
                 f"(encoder {m['encoder_lr']:g}, warm-up {m['warmup']:g} of the steps), "
+                + (f"head alone for the first {m['head_first']:g} of the steps, " if m.get("head_first") else "")
                 + (f"weights averaged (EMA decay {m['ema']:g}), " if m.get("ema") else "")
                 + f"batch {m['batch_size']}, augment {m['augment']}")
     lines = [f"# {m['method'].replace('_', ' ')}: {m['dataset']} ({m['size']} pixels)", "",

@@ -4,6 +4,7 @@ A smoke test, not a measurement: the numbers of a quick run mean nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -161,8 +162,9 @@ def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes
     def experiment(preset):
         return Experiment("full", preset, ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
 
-    assert not set(LATER_PRESET_FIELDS) & set(preset_fields(PRESETS["full"]))
-    before, after = experiment(PRESETS["full"]), experiment(with_overrides(PRESETS["full"], fields=[f"{field}=0.1"]))
+    former = dataclasses.replace(PRESETS["full"], **LATER_PRESET_FIELDS)  # the recipe the stored rows ran
+    assert not set(LATER_PRESET_FIELDS) & set(preset_fields(former))
+    before, after = experiment(former), experiment(with_overrides(former, fields=[f"{field}=0.1"]))
     assert getattr(after.preset, field) == 0.1 and after.preset.fine_tune_kwargs(0)[argument] == 0.1
     for method in ("supervised_scratch", "cnn_scratch", "federated", "label_efficiency"):
         assert after.row_fingerprint(method) != before.row_fingerprint(method), method

@@ -197,20 +197,25 @@ def test_finetune_on_a_dataset_the_encoder_never_saw_says_what_is_new(exported, 
     ft = tmp_path / "adrenal"
     code, err = _cli(["finetune", exported, "--dataset", "adrenalmnist3d", "--data-dir", real_data_dir, "--out", ft,
                       "--epochs", "1", "--max-train-examples", "48", "--batch-size", "16", "--warmup", "0.2",
-                      "--ema", "0.9", "--no-progress"], capsys)
+                      "--ema", "0.9", "--head-first", "0.25", "--no-progress"], capsys)
     assert code == 0, err
     said = " ".join(err)
     assert "adrenalmnist3d@28 is new to this encoder" in said and "inputs.3d-1ch" in said
     assert "latents.adrenalmnist3d" in said and "a fresh head outputs.adrenalmnist3d" in said
     metrics = json.loads((ft / "metrics.json").read_text())
     assert set(metrics["new_parts"]) >= {"inputs.3d-1ch", "latents.adrenalmnist3d"} and metrics["warmup"] == 0.2
-    assert metrics["ema"] == 0.9 and "weights averaged (EMA decay 0.9)" in (ft / "report.md").read_text()
+    report = (ft / "report.md").read_text()
+    assert metrics["ema"] == 0.9 and "weights averaged (EMA decay 0.9)" in report
+    assert metrics["head_first"] == 0.25 and "head alone for the first 0.25 of the steps" in report
     code, err = _cli(["finetune", exported, "--dataset", "adrenalmnist3d", "--data-dir", real_data_dir,
                       "--out", tmp_path / "bad", "--warmup", "1", "--no-progress"], capsys)
     assert code != 0 and "--warmup 1.0 must be a share of the steps in [0, 1)" in " ".join(err)
     code, err = _cli(["finetune", exported, "--dataset", "adrenalmnist3d", "--data-dir", real_data_dir,
                       "--out", tmp_path / "bad", "--ema", "1", "--no-progress"], capsys)
     assert code != 0 and "--ema 1.0 must be a decay in [0, 1)" in " ".join(err)
+    code, err = _cli(["finetune", exported, "--dataset", "adrenalmnist3d", "--data-dir", real_data_dir,
+                      "--out", tmp_path / "bad", "--head-first", "-0.1", "--no-progress"], capsys)
+    assert code != 0 and "--head-first -0.1 must be a share of the steps in [0, 1)" in " ".join(err)
     config = json.loads((ft / "config.json").read_text())
     assert ("adrenalmnist3d", 28) in [(d["flag"], d["size"]) for d in config["datasets"]]
     assert config["heads"] == {"adrenalmnist3d": {"kind": "task", "task": "binary-class", "num_outputs": 2}}
@@ -354,12 +359,12 @@ def test_finetune_defaults_are_the_benchmarks_recipe():
 
     full = PRESETS["full"]
     assert (full.fine_tune_batch, full.fine_tune_lr, full.fine_tune_encoder_lr, full.fine_tune_warmup,
-            full.fine_tune_ema, full.fine_tune_epochs, full.min_steps) == (
+            full.fine_tune_ema, full.fine_tune_head_first, full.fine_tune_epochs, full.min_steps) == (
         RECIPE["batch_size"], RECIPE["lr"], RECIPE["encoder_lr"], RECIPE["warmup"], RECIPE["ema"],
-        RECIPE["min_epochs"], RECIPE["min_steps"])
+        RECIPE["head_first"], RECIPE["min_epochs"], RECIPE["min_steps"])
     args = build_parser().parse_args(["finetune", "m", "--dataset", "breastmnist"])
-    assert (args.batch_size, args.lr, args.encoder_lr, args.warmup, args.ema, args.epochs) == (
-        32, RECIPE["lr"], RECIPE["encoder_lr"], RECIPE["warmup"], RECIPE["ema"], None)
+    assert (args.batch_size, args.lr, args.encoder_lr, args.warmup, args.ema, args.head_first, args.epochs) == (
+        32, RECIPE["lr"], RECIPE["encoder_lr"], RECIPE["warmup"], RECIPE["ema"], RECIPE["head_first"], None)
     # BreastMNIST's 546 training images: 18 steps an epoch, so the 1200-step floor sets the epochs.
     assert recipe_epochs(546, 32, min_epochs=20, min_steps=1200) == 67 == full.fine_tune_epochs_for(546)
     assert recipe_epochs(4708, 32, min_epochs=20, min_steps=1200) == 20
