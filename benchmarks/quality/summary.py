@@ -270,7 +270,11 @@ def render_markdown(payload: dict[str, Any]) -> str:
               f"{st['dp']['privacy']}; fine-tune >= {st['fine_tune_epochs']} epochs and "
               f">= {st.get('min_steps', 0)} steps (batch {st['fine_tune_batch']}, lr {st['fine_tune_lr']:g}, "
               f"encoder lr {st.get('fine_tune_encoder_lr') or st['fine_tune_lr'] / 3:g}, "
-              f"augmentation {st.get('fine_tune_augment')}); "
+              f"augmentation {st.get('fine_tune_augment')}"
+              + (f", warm-up {st['fine_tune_warmup']:g} of the steps" if st.get("fine_tune_warmup") else "")
+              + (f", head alone for the first {st['fine_tune_head_first']:g} of the steps"
+                 if st.get("fine_tune_head_first") else "")
+              + (f", weights averaged (EMA {st['fine_tune_ema']:g})" if st.get("fine_tune_ema") else "") + "); "
               f"label cap {st['max_train_examples'] or 'none'}. {where} metrics, official MedMNIST definitions; "
               "mean ± std over seeds.", ""]
     cols = list(COLUMN_NAMES.items())
