@@ -49,8 +49,8 @@ import torch
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, DATASETS, RESULTS, command_line, fmt_seconds, load_average,
                                machine_info, now, write_atomic, write_result)
-from benchmarks.quality.experiment import (METHODS, PRESETS, PRETRAINED, PROBED, QUICK_LABEL, SPLITS, Experiment,
-                                           append_row, read_rows, with_overrides)
+from benchmarks.quality.experiment import (HOLDOUT_SHARE, METHODS, PRESETS, PRETRAINED, PROBED, QUICK_LABEL, SPLITS,
+                                           Experiment, append_row, read_rows, with_overrides)
 from benchmarks.quality.plan import plan
 from benchmarks.quality.plot import plot_quality
 from benchmarks.quality.summary import evaluate_targets, method_costs, render_markdown, summarize
@@ -61,8 +61,8 @@ log = logging.getLogger("benchmarks.quality")
 
 DEFAULT_SEEDS = {"full": (0, 1, 2), "quick": (0,)}
 SPLIT_LABELS = {"test": "full benchmark", "val": "VALIDATION: choosing settings; the test split was not read",
-                "holdout": "HOLD-OUT: scored on a held-out 20% of train, settings chosen on validation; "
-                           "the test split was not read"}
+                "holdout": f"HOLD-OUT: scored on a held-out {HOLDOUT_SHARE:.0%} of train, settings chosen on "
+                           "validation; the test split was not read"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,9 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="test: score the configuration (once); val: choose settings, every row scored on "
                         "validation and the test split never read; rows go to quality-<preset>-val.jsonl; "
-                        "holdout: judge how settings are chosen, rows learn from train less a stratified 20%%, "
-                        "choose on validation and are scored on that held-out 20%% (test never read); rows go "
-                        "to quality-<preset>-holdout.jsonl")
+                        f"holdout: judge how settings are chosen, rows learn from train less a stratified "
+                        f"{HOLDOUT_SHARE * 100:.0f}%%, choose on validation and are scored on that held-out part (test "
+                        "never read); rows go to quality-<preset>-holdout.jsonl")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="scenario override on top of the preset's (e.g. pretext={mae: 1}; repeatable)")
     p.add_argument("--dp-set", action="append", default=[], metavar="KEY=VALUE",

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.common import ANCHOR_SOURCE, ANCHORS, fmt_ms, fmt_seconds, header_lines, md_table, mean_std
-from benchmarks.quality.experiment import METHODS, QUICK_LABEL
+from benchmarks.quality.experiment import HOLDOUT_SHARE, METHODS, QUICK_LABEL
 from medformer.eval import PROBE_READOUT
 
 
@@ -250,8 +250,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
     if split == "val":
         lines += ["> Every number here is on the validation splits; the test splits were not read.", ""]
     if split == "holdout":
-        lines += ["> Every number here is on a held-out 20% of each train split (the rows learnt from the "
-                  "other 80% and chose on validation); the test splits were not read.", ""]
+        lines += [f"> Every number here is on a held-out {HOLDOUT_SHARE:.0%} of each train split (the rows "
+                  "learnt from the rest and chose on validation); the test splits were not read.", ""]
     lines += header_lines(payload)
     lines += [f"- preset: `{payload['preset']}` (fingerprint `{payload['fingerprint']}`); "
               f"{payload['rows_done']} of {payload['rows_expected']} rows done"
