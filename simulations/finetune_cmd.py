@@ -104,9 +104,8 @@ def run_finetune(model_dir: str, *, dataset: str, size: int | None = None, data_
                 bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val_auc=f"{stats['val_auc']:.3f}")
 
             result = fine_tune(model, splits, dataset, epochs=min_epochs, min_steps=min_steps, lr=lr,
-                               encoder_lr=encoder_lr, batch_size=batch_size, warmup=warmup, ema=ema, head_first=head_first,
-                               augment=augment,
-                               progress=step, return_model=True, **kw)
+                               encoder_lr=encoder_lr, batch_size=batch_size, warmup=warmup, ema=ema,
+                               head_first=head_first, augment=augment, progress=step, return_model=True, **kw)
         final = result.pop("model")
         # The encoder changed: heads and probes fitted to the old one would score wrongly; only this one stays.
         for flag in [f for f, _ in final.datasets if f != dataset and f in final.outputs]:

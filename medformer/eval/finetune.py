@@ -182,8 +182,8 @@ def fine_tune(
         if epoch not in validate_at:
             continue
         chosen.eval()
-        val = official_metrics(val_split.labels,
-                               predict_scores(chosen, val_split, dataset, task, batch_size=max(batch_size, 256)), task)
+        scores = predict_scores(chosen, val_split, dataset, task, batch_size=max(batch_size, 256))
+        val = official_metrics(val_split.labels, scores, task)
         stats = {"epoch": epoch, "epochs": epochs, "train_loss": total / n, "val_auc": val["auc"], "val_acc": val["acc"]}
         log.info("fine-tune %s epoch %d/%d: loss %.4f val auc %.4f acc %.4f",
                  dataset, epoch, epochs, stats["train_loss"], val["auc"], val["acc"])
