@@ -154,9 +154,9 @@ def test_a_later_model_field_keeps_fingerprints_at_its_former_value_and_changes_
 @pytest.mark.parametrize("field,argument", [("fine_tune_warmup", "warmup"), ("fine_tune_ema", "ema"),
                                             ("fine_tune_head_first", "head_first")])
 def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes_them_off_it(tmp_path, field, argument):
-    """``fine_tune_warmup`` and ``fine_tune_ema`` came after rows were stored: at 0 they are out of
-    every fingerprint; off 0 they change the fine-tuning rows' (the CNN's too) and leave the
-    pretrainings and the rows that only probe alone."""
+    """``fine_tune_warmup``, ``fine_tune_ema`` and ``fine_tune_head_first`` came after rows were
+    stored: at 0 they are out of every fingerprint; off 0 they change the fine-tuning rows' (the
+    CNN's too) and leave the pretrainings and the rows that only probe alone."""
     from benchmarks.quality.experiment import LATER_PRESET_FIELDS, PRESETS, Experiment, preset_fields, with_overrides
 
     def experiment(preset):

@@ -226,8 +226,7 @@ class WeightAverage:
     def update(self, model: torch.nn.Module) -> None:
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        avg = [p for p in self.model.parameters()]
-        torch._foreach_lerp_(avg, [p.detach() for p in model.parameters()], 1.0 - decay)
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
         for mine, theirs in zip(self.model.buffers(), model.buffers()):
             mine.copy_(theirs)
 
