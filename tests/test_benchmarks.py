@@ -174,6 +174,23 @@ def test_a_later_preset_field_keeps_fingerprints_at_its_former_value_and_changes
     assert after.pretrain_fingerprint == before.pretrain_fingerprint
 
 
+def test_a_new_encoder_lr_changes_the_fine_tuning_rows_fingerprints_and_leaves_the_probes_found(tmp_path):
+    """The rows that only probe were stored under encoder lr 1e-3; the recipe's 3e-4 must still find
+    them (``FINE_TUNE_FIELDS_PROBES_SAW``) and give every fine-tuning row a new fingerprint."""
+    from benchmarks.quality.experiment import PRESETS, Experiment
+
+    def experiment(preset):
+        return Experiment("full", preset, ["breastmnist", "adrenalmnist3d"], "unused", tmp_path)
+
+    before = experiment(dataclasses.replace(PRESETS["full"], fine_tune_encoder_lr=1e-3))
+    after = experiment(dataclasses.replace(PRESETS["full"], fine_tune_encoder_lr=3e-4))
+    for method in ("supervised_scratch", "cnn_scratch", "federated", "label_efficiency"):
+        assert after.row_fingerprint(method) != before.row_fingerprint(method), method
+    for method in ("random_init", "local_only", "centralized", "dp_federated"):
+        assert after.row_fingerprint(method) == before.row_fingerprint(method), method
+    assert after.pretrain_fingerprint == before.pretrain_fingerprint
+
+
 def test_the_holdout_split_scores_a_stratified_share_of_train_and_never_reads_test():
     """``holdout_split``: the rows learn from train less a class-stratified HOLDOUT_SHARE and are
     scored on that share, the same examples every time; val is untouched and test is not kept."""

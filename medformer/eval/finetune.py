@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # its numbers: the comment above PRESETS in benchmarks/quality/experiment.py); `medfl finetune`'s
 # defaults. At least ``min_epochs`` passes and ``min_steps`` optimizer steps, so small sites train
 # as long as large ones.
-RECIPE: dict[str, Any] = {"batch_size": 32, "lr": 1e-3, "encoder_lr": 1e-3, "warmup": 0.0, "ema": 0.99,
+RECIPE: dict[str, Any] = {"batch_size": 32, "lr": 1e-3, "encoder_lr": 3e-4, "warmup": 0.0, "ema": 0.99,
                           "head_first": 0.1, "min_epochs": 20, "min_steps": 1200}
 
 
