@@ -30,6 +30,14 @@ def _machine(m: dict[str, Any]) -> str:
             f"opacus {v['opacus']}")
 
 
+def _row_cpus(q: dict[str, Any]) -> str:
+    """Where the summary's rows ran, when that is not only the machine that wrote the summary."""
+    counts = q.get("rows_measured_on") or {}
+    if list(counts) in ([], [q["machine"]["cpu_model"]]):
+        return ""
+    return " (summary written there; rows measured on " + ", ".join(f"{cpu}: {n}" for cpu, n in counts.items()) + ")"
+
+
 def _machines_by_part(sy: dict[str, Any]) -> str:
     """The machine of each systems part (parts are rerun one at a time, possibly on another box)."""
     parts: dict[str, list[str]] = {}
@@ -53,7 +61,7 @@ def quality_section(q: dict[str, Any] | None, results: Path) -> list[str]:
     seeds = ", ".join(map(str, q["seeds"]))
     lines += [f"Test AUC (official MedMNIST metric), mean ± std over seeds {seeds}; "
               f"{q['rows_done']} of {q['rows_expected']} rows"
-              + ("" if q["complete"] else " (**incomplete**)") + f"; {_machine(q['machine'])}; "
+              + ("" if q["complete"] else " (**incomplete**)") + f"; {_machine(q['machine'])}{_row_cpus(q)}; "
               f"details in [results/quality-{q['preset']}.md](results/quality-{q['preset']}.md).", ""]
     earlier = sorted(results.glob("*/quality-full.md"))  # full benchmarks of earlier configurations, kept whole
     if earlier:

@@ -79,6 +79,8 @@ def test_quality_quick_writes_every_row_and_resumes(tmp_path, real_data_dir):
     assert machine["cores"] >= 1 and machine["cpu_model"]
     assert all(machine["versions"][k] for k in ("torch", "flwr", "opacus", "medmnist"))
     assert payload["command"].startswith("python -m benchmarks.quality") and "--quick" in payload["command"]
+    assert {r["cpu_model"] for r in rows} == {machine["cpu_model"]}  # each row says where it ran
+    assert payload["rows_measured_on"] == {machine["cpu_model"]: len(METHODS)}
     assert payload["seeds"] == [0] and payload["wall_seconds"] >= 0
     assert payload["complete"] and payload["rows_done"] == len(METHODS)
     cells = payload["summary"]["table"]["breastmnist"]
@@ -246,6 +248,18 @@ def test_quality_evaluate_scores_a_subset_of_a_federation_of_all(tmp_path, real_
     bad = subprocess.run([*cmd[:-4], "--evaluate", "vesselmnist3d", *cmd[-4:]], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--evaluate vesselmnist3d" in bad.stderr
+
+
+def test_the_summary_says_which_machines_its_rows_ran_on_when_another_wrote_it():
+    from benchmarks.quality.summary import UNRECORDED_CPU, measured_on_line, rows_measured_on
+    from benchmarks.report import _row_cpus
+
+    rows = [{"cpu_model": "Xeon"}, {"cpu_model": "Xeon"}, {}]
+    counts = rows_measured_on(rows)
+    assert counts == {"Xeon": 2, UNRECORDED_CPU: 1}
+    assert measured_on_line({"rows_measured_on": counts}) == "- rows measured on: Xeon (2 rows); not recorded (1 row)"
+    assert _row_cpus({"machine": {"cpu_model": "Xeon"}, "rows_measured_on": {"Xeon": 3}}) == ""
+    assert "Xeon: 2" in _row_cpus({"machine": {"cpu_model": "EPYC"}, "rows_measured_on": counts})
 
 
 def test_paired_cell_shows_seeds_only_when_there_are_several():

@@ -53,7 +53,7 @@ from benchmarks.quality.experiment import (HOLDOUT_SHARE, METHODS, PRESETS, PRET
                                            Experiment, append_row, read_rows, with_overrides)
 from benchmarks.quality.plan import plan
 from benchmarks.quality.plot import plot_quality
-from benchmarks.quality.summary import evaluate_targets, method_costs, render_markdown, summarize
+from benchmarks.quality.summary import evaluate_targets, method_costs, render_markdown, rows_measured_on, summarize
 from config import ScenarioError
 from medformer.data import DataError, resolve_data_dir
 
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("quality (%s, fingerprint %s): %d rows done, %d to run; %d threads; data %s", preset_name,
              exp.fingerprint, len(mine), 0 if args.summary_only else len(todo), torch.get_num_threads(), data_dir)
     interrupted = False
+    cpu_model = machine_info()["cpu_model"]  # each row says where it ran: a summary may gather several machines
     if not args.summary_only:
         for i, (method, dataset, seed) in enumerate(todo, 1):
             if (method, dataset, seed) in stored_rows(jsonl, exp, fingerprints):
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                    "preset": preset_name, "split": args.split, "method": method, "dataset": dataset, "seed": seed,
                    "overrides": {"set": args.set, "dp_set": args.dp_set, "ft": args.ft, "rounds": args.rounds},
                    "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),
-                   "threads": torch.get_num_threads(), "load_average": load_average(), "finished_at": now()}
+                   "threads": torch.get_num_threads(), "load_average": load_average(), "cpu_model": cpu_model,
+                   "finished_at": now()}
             if earlier:
                 carried = earlier["seconds"] - earlier["metrics"]["linear_probe"].get("seconds", 0.0)
                 row["seconds"] = round(row["seconds"] + carried, 3)
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "complete": complete, "interrupted": interrupted,
         "wall_seconds": compute["rows (sum of row wall times)"], "compute": compute, "finished_at": now(),
         "anchors": {d: ANCHORS[d] for d in datasets}, "anchor_source": ANCHOR_SOURCE,
-        "summary": summary, "rows_file": jsonl.name,
+        "summary": summary, "rows_file": jsonl.name, "rows_measured_on": rows_measured_on(rows),
     }
     payload["costs"] = method_costs(rows, summary, datasets)
     # Judged only on the test split of the full preset, and the time target only on the whole benchmark.

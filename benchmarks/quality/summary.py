@@ -2,6 +2,8 @@
 the Markdown report."""
 from __future__ import annotations
 
+import collections
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -237,6 +239,22 @@ def cost_table(costs: dict[str, Any], where: str = "Test") -> list[str]:
 SCORED_ON = {"test": "Test", "val": "Validation", "holdout": "Held-out train"}
 
 
+#: What ``rows_measured_on`` says of rows stored before rows recorded their CPU.
+UNRECORDED_CPU = "not recorded"
+
+
+def rows_measured_on(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of ``rows`` ran on each CPU model (the summary's own machine may be another one)."""
+    return dict(collections.Counter(r.get("cpu_model", UNRECORDED_CPU) for r in rows).most_common())
+
+
+def measured_on_line(payload: dict[str, Any]) -> str | None:
+    counts = payload.get("rows_measured_on")
+    if not counts:
+        return None
+    return "- rows measured on: " + "; ".join(f"{cpu} ({n} row{'s' * (n != 1)})" for cpu, n in counts.items())
+
+
 def render_markdown(payload: dict[str, Any]) -> str:
     quick = payload["quick"]
     split = payload.get("split", "test")
@@ -253,6 +271,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
         lines += [f"> Every number here is on a held-out {HOLDOUT_SHARE:.0%} of each train split (the rows "
                   "learnt from the rest and chose on validation); the test splits were not read.", ""]
     lines += header_lines(payload)
+    if measured_on_line(payload):
+        lines.append(measured_on_line(payload))
     lines += [f"- preset: `{payload['preset']}` (fingerprint `{payload['fingerprint']}`); "
               f"{payload['rows_done']} of {payload['rows_expected']} rows done"
               + ("" if payload["complete"] else " — INCOMPLETE: rerun the command to continue"),
