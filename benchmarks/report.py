@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.common import (ANCHOR_SOURCE, ANCHORS, REPO, RESULTS, fmt_bytes, fmt_ms, fmt_seconds, md_table,
                                read_json, write_atomic)
-from benchmarks.quality.summary import COLUMN_NAMES, cost_table, target_margin
+from benchmarks.quality.summary import COLUMN_NAMES, cost_table, rows_on_text, target_margin
 
 README = REPO / "benchmarks" / "README.md"
 
@@ -35,7 +35,7 @@ def _row_cpus(q: dict[str, Any]) -> str:
     counts = q.get("rows_measured_on") or {}
     if list(counts) in ([], [q["machine"]["cpu_model"]]):
         return ""
-    return " (summary written there; rows measured on " + ", ".join(f"{cpu}: {n}" for cpu, n in counts.items()) + ")"
+    return f" (the summary was written there; its rows ran on: {rows_on_text(counts)})"
 
 
 def _machines_by_part(sy: dict[str, Any]) -> str:

@@ -3,7 +3,6 @@ the Markdown report."""
 from __future__ import annotations
 
 import collections
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -248,11 +247,14 @@ def rows_measured_on(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(collections.Counter(r.get("cpu_model", UNRECORDED_CPU) for r in rows).most_common())
 
 
+def rows_on_text(counts: dict[str, int]) -> str:
+    """``rows_measured_on`` for a reader: ``Xeon (2 rows); not recorded (1 row)``."""
+    return "; ".join(f"{cpu} ({n} row{'s' * (n != 1)})" for cpu, n in counts.items())
+
+
 def measured_on_line(payload: dict[str, Any]) -> str | None:
     counts = payload.get("rows_measured_on")
-    if not counts:
-        return None
-    return "- rows measured on: " + "; ".join(f"{cpu} ({n} row{'s' * (n != 1)})" for cpu, n in counts.items())
+    return f"- rows measured on: {rows_on_text(counts)}" if counts else None
 
 
 def render_markdown(payload: dict[str, Any]) -> str:
