@@ -273,8 +273,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
         lines += [f"> Every number here is on a held-out {HOLDOUT_SHARE:.0%} of each train split (the rows "
                   "learnt from the rest and chose on validation); the test splits were not read.", ""]
     lines += header_lines(payload)
-    if measured_on_line(payload):
-        lines.append(measured_on_line(payload))
+    measured_on = measured_on_line(payload)
+    if measured_on:
+        lines.append(measured_on)
     lines += [f"- preset: `{payload['preset']}` (fingerprint `{payload['fingerprint']}`); "
               f"{payload['rows_done']} of {payload['rows_expected']} rows done"
               + ("" if payload["complete"] else " — INCOMPLETE: rerun the command to continue"),
