@@ -440,6 +440,18 @@ def test_a_count_target_is_settled_only_when_the_rows_not_run_cannot_change_it(g
     assert t["status"] == status and t["kind"] == "count", t
 
 
+def test_a_count_target_margin_reads_as_datasets_to_spare_or_short():
+    from benchmarks.quality.summary import target_margin
+
+    def margin(m, status):
+        return target_margin({"kind": "count", "margin": m, "status": status})
+
+    assert margin(0.0, "met") == " (0 datasets to spare)"
+    assert margin(1.0, "met") == " (1 dataset to spare)"
+    assert margin(-2.0, "missed") == " (2 datasets short)"
+    assert margin(None, "n/a") == ""
+
+
 def test_a_target_is_judged_on_every_seed_and_the_time_target_on_the_whole_benchmark():
     from benchmarks.common import DATASETS
     from benchmarks.quality.summary import evaluate_targets, summarize

@@ -209,7 +209,8 @@ def target_margin(t: dict[str, Any]) -> str:
     if t["kind"] == "seconds":
         return f" ({fmt_seconds(abs(m))} {'to spare' if m >= 0 else 'over'})"
     if t["kind"] == "count":
-        return f" ({int(m):+d} datasets)"
+        n = abs(int(m))
+        return f" ({n} dataset{'s' if n != 1 else ''} {'to spare' if m >= 0 else 'short'})"
     return f" ({m:+.3f})"
 
 
