@@ -210,7 +210,7 @@ def target_margin(t: dict[str, Any]) -> str:
         return f" ({fmt_seconds(abs(m))} {'to spare' if m >= 0 else 'over'})"
     if t["kind"] == "count":
         n = abs(int(m))
-        return f" ({n} dataset{'s' if n != 1 else ''} {'to spare' if m >= 0 else 'short'})"
+        return f" ({n} dataset{'s' * (n != 1)} {'to spare' if m >= 0 else 'short'})"
     return f" ({m:+.3f})"
 
 
