@@ -76,6 +76,11 @@ def _build(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             return _build(float, value, path, problems)
         if len(rest) == 1:
             return _build(rest[0], value, path, problems)
+        if set(rest) <= {bool, int, float, str}:  # any scalar (``model.overrides``): kept as YAML typed it
+            if type(value) in rest:
+                return value
+            problems.append(f"{path}: expected {' or '.join(map(_type_name, rest))}, got {show(value)}")
+            return _BAD
         raise TypeError(f"unsupported schema type {tp}")  # a bug in the schema, not the YAML
     if origin is Literal:
         return _choose(value, get_args(tp), path, problems)

@@ -16,7 +16,7 @@ import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
@@ -24,7 +24,7 @@ from config.errors import did_you_mean, show
 from medformer import data as mdata
 from medformer.device import DEVICE_CHOICES, is_device_spec
 from medformer.dp.accounting import ACCOUNTANTS
-from medformer.model import preset_names
+from medformer.model import MedformerConfig, make_config, preset_names
 from medformer.pretext import TASKS
 from medformer.settings import setting
 from medformer.train import TrainingSpec
@@ -59,19 +59,42 @@ class ModelSpec:
 
     Attributes:
         preset: a preset of ``medformer.model.PRESETS`` (``tiny`` for tests, ``default``, ...).
-        overrides: config keys replaced on top of the preset, e.g. ``{depth: 2}``; the model
-            validates names and values, here only: keys are identifiers, values numbers.
+        overrides: ``MedformerConfig`` fields replaced on top of the preset, e.g. ``{depth: 2}`` or
+            ``{stem: conv, stem_3d_full_res: true}``; each is checked against the field's type, and
+            the resulting config against the model's own rules, when the scenario loads.
     """
 
     preset: str = setting("default", choices=preset_names)
-    overrides: dict[str, int | float] = field(default_factory=dict)
+    overrides: dict[str, bool | int | float | str] = field(default_factory=dict)
 
     def _check(self) -> list[tuple[tuple, str]]:
-        return [
-            (("overrides", k), f"override name {show(k)} is not an identifier")
-            for k in self.overrides
-            if not k.isidentifier()
-        ]
+        hints = get_type_hints(MedformerConfig)
+        problems = []
+        for k, v in self.overrides.items():
+            if not k.isidentifier():
+                problems.append((("overrides", k), f"override name {show(k)} is not an identifier"))
+            elif k not in hints:
+                problems.append((("overrides", k), f"unknown model field {show(k)}{did_you_mean(k, hints)}; "
+                                                   f"choose from {', '.join(hints)}"))
+            elif not _is_a(v, hints[k]):
+                problems.append((("overrides", k), f"expected {_FIELD_KINDS[hints[k]]}, got {show(v)}"))
+        if problems:
+            return problems
+        try:  # the model's own rules (positive sizes, heads dividing dim, a known stem)
+            make_config(self.preset, **self.overrides)
+        except ValueError as e:
+            return [(("overrides",), str(e))]
+        return []
+
+
+_FIELD_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_a(value: Any, tp: type) -> bool:
+    """``value`` fits a MedformerConfig field of type ``tp`` (an int fits a float; a bool fits only bool)."""
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool)
+    return isinstance(value, (int, float)) if tp is float else isinstance(value, tp)
 
 
 @dataclass(kw_only=True)

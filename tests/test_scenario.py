@@ -30,6 +30,7 @@ from config import (
     scenario_from_dict,
 )
 from medformer.data import partition_indices
+from medformer.model import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "simulations" / "configs").glob("*.yaml"))
@@ -228,7 +229,13 @@ ERROR_CASES = [
     ("override-key", _with("model.overrides", {"not valid": 1}), "model.overrides['not valid']",
      "identifier"),
     ("override-value", _with("model.overrides", {"depth": "four"}), "model.overrides.depth",
-     "expected a number"),
+     "expected an integer"),
+    ("override-bool-field", _with("model.overrides", {"site_norms": 1}), "model.overrides.site_norms",
+     "expected true or false"),
+    ("override-unknown-field", _with("model.overrides", {"site_norm": True}), "model.overrides.site_norm",
+     "did you mean 'site_norms'"),
+    ("override-model-rule", _with("model.overrides", {"stem": "cnn"}), "model.overrides",
+     "stem='cnn' must be one of patch, conv"),
     ("non-string-key", {**BASE, 3: 1}, "[3]", "unknown key"),
     ("top-level-list", [BASE], "scenario", "expected a mapping"),
 ]
@@ -286,6 +293,14 @@ def test_top_level_must_be_a_mapping(tmp_path, text, what):
 def test_missing_file(tmp_path):
     with pytest.raises(ScenarioError, match="cannot read scenario file"):
         load_scenario(tmp_path / "nope.yaml")
+
+
+def test_model_overrides_take_every_kind_of_config_field():
+    """Booleans and strings reach the model as typed (the schema once took numbers only)."""
+    s = scenario_from_dict(_with("model.overrides", {"stem": "conv", "stem_3d_full_res": True, "mlp_ratio": 3}))
+    assert s.model.overrides == {"stem": "conv", "stem_3d_full_res": True, "mlp_ratio": 3}
+    cfg = make_config(s.model.preset, **s.model.overrides)
+    assert cfg.stem == "conv" and cfg.stem_3d_full_res is True and cfg.mlp_ratio == 3
 
 
 def test_set_overrides():
