@@ -167,13 +167,16 @@ class ConvStem(nn.Module):
     halves the resolution (cheaper: ``MedformerConfig``'s default for 3D, whose volumes are 27x larger).
     ``depth`` convolutions per stage, the first of them strided (``depth=2`` is the small supervised
     CNN's pattern, ``baselines.SmallCNN``: two 3x3 convs see a 5x5 neighbourhood at each resolution).
+    With ``pool`` a stage halves the resolution by 2x max-pooling before its convs, all of stride 1
+    (also SmallCNN's pattern: the strongest response of each cell survives, which thin structures such
+    as vessels may need), instead of by a strided first conv.
 
     2D: [B, C, H, W] -> [B, grid^2, dim];  3D: [B, C, D, H, W] -> [B, grid^3, dim]. Token i covers the
     ``patch``-sided cell i of the grid (what masked reconstruction masks and predicts).
     """
 
     def __init__(self, *, ndim: int, in_channels: int, img_size: int, grid: int, dim: int, width: int,
-                 full_res: bool, depth: int = 1):
+                 full_res: bool, depth: int = 1, pool: bool = False):
         super().__init__()
         if depth < 1:
             raise ValueError(f"a conv stem needs at least one conv per stage, got depth={depth}")
@@ -190,10 +193,14 @@ class ConvStem(nn.Module):
         stages = [(width, 1)] if full_res else []
         stages += [(width * 2 ** (i + full_res), 2) for i in range(downs - 1)] + [(dim, 2)]
         convs = [(out, stride if j == 0 else 1) for out, stride in stages for j in range(depth)]
+        max_pool = nn.MaxPool2d if ndim == 2 else nn.MaxPool3d
         layers: list[nn.Module] = []
         c = in_channels
         for i, (out, stride) in enumerate(convs):
             normed = i < len(convs) - 1  # a bias before a norm only adds a parameter with no gradient
+            if pool and stride == 2:  # ceil_mode: an odd side s -> (s + 1) // 2, as the strided conv gives
+                layers.append(max_pool(2, ceil_mode=True))
+                stride = 1
             layers.append(conv(c, out, kernel_size=3, stride=stride, padding=1, bias=not normed))
             if normed:
                 layers += [nn.GroupNorm(min(8, out), out), nn.GELU()]

@@ -55,6 +55,8 @@ class MedformerConfig:
         stem_depth_3d: the same for the 3D conv stems. Tried on validation at 2 with 1 in 2D
             (benchmarks/results/deepstem3d-val/): the fine-tune mean level, the 3D probes up, at
             1.85x the pretraining cost.
+        stem_pool: the conv stems halve the resolution by 2x max-pooling before a stage instead of by
+            a strided first conv (the small supervised CNN's pattern; ``layers.ConvStem``).
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
         num_queries: query tokens per downstream task head.
@@ -78,6 +80,7 @@ class MedformerConfig:
     stem_3d_full_res: bool = False
     stem_depth_2d: int = 1
     stem_depth_3d: int = 1
+    stem_pool: bool = False
     num_latents: int = 2
     adapter_dim: int = 32
     num_queries: int = 2
@@ -93,7 +96,7 @@ class MedformerConfig:
             if f.name == "stem":
                 if value not in STEMS:
                     problems.append(f"stem={value!r} must be one of {', '.join(STEMS)}")
-            elif f.name in ("site_norms", "stem_3d_full_res"):
+            elif f.name in ("site_norms", "stem_3d_full_res", "stem_pool"):
                 if not isinstance(value, bool):
                     problems.append(f"{f.name}={value!r} must be true or false")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -138,6 +141,12 @@ PRESETS: dict[str, MedformerConfig] = {
                                                       stem_3d_full_res=True, stem_depth_2d=2, stem_depth_3d=2,
                                                       num_latents=1, adapter_dim=8, num_queries=1, decoder_dim=16,
                                                       decoder_depth=1, decoder_heads=2),
+    # Tests of the max-pooling stem (``stem_pool``): the tiny deep fr3d model, pooling between stages.
+    "medformer_tiny_pooldeepconv49_fr3d": MedformerConfig(dim=32, depth=1, heads=2, grid_2d=7, stem="conv",
+                                                          stem_width=8, stem_3d_full_res=True, stem_depth_2d=2,
+                                                          stem_depth_3d=2, stem_pool=True, num_latents=1,
+                                                          adapter_dim=8, num_queries=1, decoder_dim=16,
+                                                          decoder_depth=1, decoder_heads=2),
     # Wider and deeper, 49 linear patches: for machines with more compute.
     "medformer_base_patch49": MedformerConfig(dim=192, depth=6, heads=6, mlp_ratio=4.0, grid_2d=7, num_latents=4,
                                               adapter_dim=48, num_queries=4, decoder_dim=128, decoder_depth=2,
@@ -196,7 +205,7 @@ class InputAdaptformer(nn.Module):
                 return ConvStem(ndim=ndim, in_channels=channels, img_size=size, grid=grid, dim=cfg.dim,
                                 width=cfg.stem_width if ndim == 2 else max(1, cfg.stem_width // 2),
                                 full_res=ndim == 2 or cfg.stem_3d_full_res,
-                                depth=cfg.stem_depth_3d if ndim == 3 else cfg.stem_depth_2d)
+                                depth=cfg.stem_depth_3d if ndim == 3 else cfg.stem_depth_2d, pool=cfg.stem_pool)
             return PatchEmbed(ndim=ndim, in_channels=channels, img_size=size, grid=grid, dim=cfg.dim)
 
         self.tokenizers = nn.ModuleDict({str(s): tokenizer(s) for s in sorted(set(sizes))})

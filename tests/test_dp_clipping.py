@@ -34,7 +34,8 @@ CASES = [("breastmnist", "tiny"), ("retinamnist", "tiny"), ("adrenalmnist3d", "t
          ("adrenalmnist3d", "medformer_tiny_conv49"),
          ("breastmnist", "medformer_tiny_conv49_sitenorm"), ("adrenalmnist3d", "medformer_tiny_conv49_sitenorm"),
          ("vesselmnist3d", "medformer_tiny_conv49_fr3d"), ("breastmnist", "medformer_tiny_deepconv49_fr3d"),
-         ("vesselmnist3d", "medformer_tiny_deepconv49_fr3d"),
+         ("vesselmnist3d", "medformer_tiny_deepconv49_fr3d"), ("breastmnist", "medformer_tiny_pooldeepconv49_fr3d"),
+         ("vesselmnist3d", "medformer_tiny_pooldeepconv49_fr3d"),
          ("breastmnist", "medformer_small_patch16"), ("breastmnist", "default"), ("adrenalmnist3d", "default")]
 OBJECTIVES = {"mae": {"mae": 1.0}, "rotation": {"rotation": 1.0}, "mae+rotation": {"mae": 1.0, "rotation": 1.0}}
 B = 6

@@ -310,6 +310,27 @@ def test_deeper_conv_stem_adds_stride_one_convs_and_keeps_the_token_grid() -> No
         make_config("medformer_tiny_conv49", stem_depth_3d=0)
 
 
+def test_pooling_stem_halves_by_max_pooling_and_keeps_the_token_grid() -> None:
+    """``stem_pool`` moves every halving from a strided conv to a 2x max-pool before the stage (odd
+    sides rounded up, as the strided conv does): all convs then have stride 1, and the token grid, the
+    parameters' shapes (under other indices) and the output's shape are the strided stem's."""
+    strided = build_medformer(make_config("medformer_tiny_deepconv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
+    pooled = build_medformer(make_config("medformer_tiny_pooldeepconv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
+    assert (sorted(tuple(p.shape) for p in strided.parameters())
+            == sorted(tuple(p.shape) for p in pooled.parameters()))
+    for kind, conv, pool in (("3d-1ch", nn.Conv3d, nn.MaxPool3d), ("2d-1ch", nn.Conv2d, nn.MaxPool2d)):
+        stem_strided, stem_pooled = strided.inputs[kind].tokenizer(28), pooled.inputs[kind].tokenizer(28)
+        assert all(c.stride[0] == 1 for c in stem_pooled.convs if isinstance(c, conv))
+        halvings = sum(c.stride[0] == 2 for c in stem_strided.convs if isinstance(c, conv))
+        assert sum(isinstance(m, pool) for m in stem_pooled.convs) == halvings
+    for flag in ("adrenalmnist3d", "breastmnist"):  # 28 -> 14 -> 7 (-> 4 in 3D: ceil of 3.5)
+        assert pooled.tokenizer(flag, 28).num_tokens == strided.tokenizer(flag, 28).num_tokens
+        x = _batch(flag, 28)
+        assert pooled(x, flag).shape == strided(x, flag).shape
+    with pytest.raises(ValueError, match="stem_pool=1 must be true or false"):
+        make_config("medformer_tiny_conv49", stem_pool=1)
+
+
 def test_stem_depth_is_set_per_input_kind() -> None:
     """``stem_depth_3d`` deepens only the 3D stems: the 2D stem's weights are the one-conv model's."""
     one = build_medformer(make_config("medformer_tiny_conv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
