@@ -28,6 +28,10 @@ from medformer.layers import Adapter, Block, ConvStem, CrossBlock, PatchEmbed, P
 
 
 STEMS = ("patch", "conv")
+#: The task heads' readouts of the body's tokens (``MedformerConfig.global_pool``).
+GLOBAL_POOLS = ("map", "avg")
+#: The config's string fields and the values each takes.
+CHOICES = {"stem": STEMS, "global_pool": GLOBAL_POOLS}
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,10 @@ class MedformerConfig:
             a strided first conv (the small supervised CNN's pattern; ``layers.ConvStem``).
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
-        num_queries: query tokens per downstream task head.
+        global_pool: how a downstream task head reads the body's tokens: ``map`` (its query tokens
+            cross-attend to them, as timm's attention pooling) or ``avg`` (the mean of the patch tokens,
+            normalised, as the small supervised CNN's global average pooling).
+        num_queries: query tokens per downstream task head (``map``).
         decoder_dim: width of the masked-reconstruction decoder.
         decoder_depth: blocks in that decoder.
         decoder_heads: attention heads in that decoder.
@@ -83,6 +90,7 @@ class MedformerConfig:
     stem_pool: bool = False
     num_latents: int = 2
     adapter_dim: int = 32
+    global_pool: str = "map"
     num_queries: int = 2
     decoder_dim: int = 64
     decoder_depth: int = 1
@@ -93,9 +101,9 @@ class MedformerConfig:
         problems = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "stem":
-                if value not in STEMS:
-                    problems.append(f"stem={value!r} must be one of {', '.join(STEMS)}")
+            if f.name in CHOICES:
+                if value not in CHOICES[f.name]:
+                    problems.append(f"{f.name}={value!r} must be one of {', '.join(CHOICES[f.name])}")
             elif f.name in ("site_norms", "stem_3d_full_res", "stem_pool"):
                 if not isinstance(value, bool):
                     problems.append(f"{f.name}={value!r} must be true or false")
@@ -264,16 +272,24 @@ class Body(nn.Module):
 
 
 class TaskHead(nn.Module):
-    """Output Adaptformer for one task: queries cross-attend to tokens -> [B, num_outputs] logits."""
+    """Output Adaptformer for one task: body tokens [B, T + N, dim] -> [B, num_outputs] logits.
+
+    ``cfg.global_pool`` picks the readout: ``map``, query tokens cross-attend to all the tokens; ``avg``,
+    the mean of the N patch tokens. Either is then normalised and projected.
+    """
 
     def __init__(self, cfg: MedformerConfig, num_outputs: int):
         super().__init__()
-        self.queries = QueryTokens(cfg.num_queries, cfg.dim)
-        self.cross = CrossBlock(cfg.dim, cfg.heads, cfg.mlp_ratio)
+        self.global_pool, self.num_latents = cfg.global_pool, cfg.num_latents
+        if cfg.global_pool == "map":
+            self.queries = QueryTokens(cfg.num_queries, cfg.dim)
+            self.cross = CrossBlock(cfg.dim, cfg.heads, cfg.mlp_ratio)
         self.norm = nn.LayerNorm(cfg.dim)
         self.fc = nn.Linear(cfg.dim, num_outputs)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return self.fc(self.norm(tokens[:, self.num_latents :].mean(dim=1)))
         # Detached on purpose: QueryTokens reads only the batch size, so its output is not connected
         # to a grad-requiring input, and Opacus's backward hook would never fire (no per-sample
         # gradients for the queries under DP-SGD). With a plain input the hook fires on the output.

@@ -331,6 +331,24 @@ def test_pooling_stem_halves_by_max_pooling_and_keeps_the_token_grid() -> None:
         make_config("medformer_tiny_conv49", stem_pool=1)
 
 
+def test_avg_global_pool_head_reads_the_mean_patch_token() -> None:
+    """``global_pool="avg"``: a task head is a LayerNorm and a Linear on the mean of the patch tokens
+    (the latents left out), with no query tokens; ``map`` keeps them. A bad name is refused."""
+    for flag in ("breastmnist", "adrenalmnist3d"):
+        model = build_medformer(make_config("medformer_tiny_conv49", global_pool="avg"), [flag]).eval()
+        head = model.outputs[flag]
+        assert not any("queries" in k or "cross" in k for k in head.state_dict())
+        x = _batch(flag, 28)
+        with torch.no_grad():
+            tokens = model.forward_features(x, flag)
+            expected = head.fc(head.norm(tokens[:, model.cfg.num_latents:].mean(dim=1)))
+            torch.testing.assert_close(model(x, flag), expected)
+    mapped = build_medformer(make_config("medformer_tiny_conv49"), ["breastmnist"])
+    assert any("queries" in k for k in mapped.outputs["breastmnist"].state_dict())
+    with pytest.raises(ValueError, match="global_pool='gap' must be one of map, avg"):
+        make_config("medformer_tiny_conv49", global_pool="gap")
+
+
 def test_stem_depth_is_set_per_input_kind() -> None:
     """``stem_depth_3d`` deepens only the 3D stems: the 2D stem's weights are the one-conv model's."""
     one = build_medformer(make_config("medformer_tiny_conv49_fr3d"), ["adrenalmnist3d", "breastmnist"])
