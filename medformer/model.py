@@ -60,7 +60,10 @@ class MedformerConfig:
             (benchmarks/results/deepstem3d-val/): the fine-tune mean level, the 3D probes up, at
             1.85x the pretraining cost.
         stem_pool: the conv stems halve the resolution by 2x max-pooling before a stage instead of by
-            a strided first conv (the small supervised CNN's pattern; ``layers.ConvStem``).
+            a strided first conv (the small supervised CNN's pattern; ``layers.ConvStem``). Tried on
+            validation with the CNN's widths, two convs a stage and ``global_pool="avg"``
+            (benchmarks/results/cnnstem-val/): from scratch well above the default, but federated
+            pretraining with today's pretexts fine-tunes below that model's own scratch numbers.
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
         global_pool: how a downstream task head reads the body's tokens: ``map`` (its query tokens
