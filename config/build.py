@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from config.errors import ScenarioError, did_you_mean, join, show
+from config.errors import ScenarioError, did_you_mean, join, show, type_name
 
 T = TypeVar("T")
 # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; accept it where a float is expected.
@@ -37,11 +37,6 @@ def _choose(value: Any, choices: tuple[str, ...], path: str, problems: list[str]
     problems.append(f"{path}: expected one of {', '.join(map(repr, choices))}, got "
                     f"{show(value)}{did_you_mean(value, choices)}")
     return _BAD
-
-
-def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", bool: "a boolean (true/false)",
-            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _check_bounds(value: float, bounds: tuple, path: str, problems: list[str]) -> bool:
@@ -79,7 +74,7 @@ def _build(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if set(rest) <= {bool, int, float, str}:  # any scalar (``model.overrides``): kept as YAML typed it
             if type(value) in rest:
                 return value
-            problems.append(f"{path}: expected {' or '.join(map(_type_name, rest))}, got {show(value)}")
+            problems.append(f"{path}: expected {' or '.join(map(type_name, rest))}, got {show(value)}")
             return _BAD
         raise TypeError(f"unsupported schema type {tp}")  # a bug in the schema, not the YAML
     if origin is Literal:
@@ -117,7 +112,7 @@ def _build(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return _BAD if any(x is _BAD for x in items) else items
     else:
         raise TypeError(f"unsupported schema type {tp}")
-    problems.append(f"{path}: expected {_type_name(tp)}, got {show(value)}")
+    problems.append(f"{path}: expected {type_name(tp)}, got {show(value)}")
     return _BAD
 
 

@@ -38,6 +38,12 @@ def show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def type_name(tp: Any) -> str:
+    """How an error message names a schema type: ``int`` -> "an integer"."""
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 def join(path: str, key: Any) -> str:
     """Append one key (dict key, field name or list index) to a field path."""
     if isinstance(key, int) and not isinstance(key, bool):

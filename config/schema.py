@@ -20,7 +20,7 @@ from typing import Any, Literal, get_type_hints
 
 import yaml
 
-from config.errors import did_you_mean, show
+from config.errors import did_you_mean, show, type_name
 from medformer import data as mdata
 from medformer.device import DEVICE_CHOICES, is_device_spec
 from medformer.dp.accounting import ACCOUNTANTS
@@ -77,7 +77,7 @@ class ModelSpec:
                 problems.append((("overrides", k), f"unknown model field {show(k)}{did_you_mean(k, hints)}; "
                                                    f"choose from {', '.join(hints)}"))
             elif not _is_a(v, hints[k]):
-                problems.append((("overrides", k), f"expected {_FIELD_KINDS[hints[k]]}, got {show(v)}"))
+                problems.append((("overrides", k), f"expected {type_name(hints[k])}, got {show(v)}"))
         if problems:
             return problems
         try:  # the model's own rules (positive sizes, heads dividing dim, a known stem)
@@ -85,9 +85,6 @@ class ModelSpec:
         except ValueError as e:
             return [(("overrides",), str(e))]
         return []
-
-
-_FIELD_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _is_a(value: Any, tp: type) -> bool:

@@ -107,7 +107,7 @@ class MedformerConfig:
             if f.name in CHOICES:
                 if value not in CHOICES[f.name]:
                     problems.append(f"{f.name}={value!r} must be one of {', '.join(CHOICES[f.name])}")
-            elif f.name in ("site_norms", "stem_3d_full_res", "stem_pool"):
+            elif f.type == "bool":  # annotations are strings here (``from __future__ import annotations``)
                 if not isinstance(value, bool):
                     problems.append(f"{f.name}={value!r} must be true or false")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -274,6 +274,11 @@ class Body(nn.Module):
         return final(x)
 
 
+def mean_patch_tokens(tokens: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """Mean of the patch tokens, the latents (first) left out: [B, T + N, dim] -> [B, dim]."""
+    return tokens[:, num_latents:].mean(dim=1)
+
+
 class TaskHead(nn.Module):
     """Output Adaptformer for one task: body tokens [B, T + N, dim] -> [B, num_outputs] logits.
 
@@ -292,7 +297,7 @@ class TaskHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "avg":
-            return self.fc(self.norm(tokens[:, self.num_latents :].mean(dim=1)))
+            return self.fc(self.norm(mean_patch_tokens(tokens, self.num_latents)))
         # Detached on purpose: QueryTokens reads only the batch size, so its output is not connected
         # to a grad-requiring input, and Opacus's backward hook would never fire (no per-sample
         # gradients for the queries under DP-SGD). With a plain input the hook fires on the output.
@@ -345,7 +350,7 @@ class Medformer(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean of the patch tokens: [B, T + N, dim] -> [B, dim]."""
-        return tokens[:, self.cfg.num_latents :].mean(dim=1)
+        return mean_patch_tokens(tokens, self.cfg.num_latents)
 
     def embed(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
         """Image -> pooled representation [B, dim] (what the pretext heads see)."""

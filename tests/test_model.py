@@ -294,6 +294,14 @@ def test_full_resolution_3d_stem_keeps_the_token_grid() -> None:
         make_config("medformer_tiny_conv49", stem_3d_full_res=1)
 
 
+def _assert_same_token_grid_and_outputs(a: nn.Module, b: nn.Module, flags: list[str]) -> None:
+    """Two stems of one model family: as many tokens per 28-pixel input, outputs of the same shape."""
+    for flag in flags:
+        assert a.tokenizer(flag, 28).num_tokens == b.tokenizer(flag, 28).num_tokens
+        x = _batch(flag, 28)
+        assert a(x, flag).shape == b(x, flag).shape
+
+
 def test_deeper_conv_stem_adds_stride_one_convs_and_keeps_the_token_grid() -> None:
     """``stem_depth_2d=stem_depth_3d=2`` gives every stage of the conv stem a second, stride-1 conv
     (the small CNN's pattern); the strided convs, so the token grid and the output, stay as they were."""
@@ -302,10 +310,7 @@ def test_deeper_conv_stem_adds_stride_one_convs_and_keeps_the_token_grid() -> No
     for kind, conv in (("3d-1ch", nn.Conv3d), ("2d-1ch", nn.Conv2d)):
         strides = [[c.stride[0] for c in m.inputs[kind].tokenizer(28).convs if isinstance(c, conv)] for m in (one, two)]
         assert strides[1] == [s for s in strides[0] for s in (s, 1)]
-    for flag in ("adrenalmnist3d", "breastmnist"):
-        assert two.tokenizer(flag, 28).num_tokens == one.tokenizer(flag, 28).num_tokens
-        x = _batch(flag, 28)
-        assert two(x, flag).shape == one(x, flag).shape
+    _assert_same_token_grid_and_outputs(two, one, ["adrenalmnist3d", "breastmnist"])
     with pytest.raises(ValueError, match="stem_depth_3d=0 must be a positive number"):
         make_config("medformer_tiny_conv49", stem_depth_3d=0)
 
@@ -323,10 +328,8 @@ def test_pooling_stem_halves_by_max_pooling_and_keeps_the_token_grid() -> None:
         assert all(c.stride[0] == 1 for c in stem_pooled.convs if isinstance(c, conv))
         halvings = sum(c.stride[0] == 2 for c in stem_strided.convs if isinstance(c, conv))
         assert sum(isinstance(m, pool) for m in stem_pooled.convs) == halvings
-    for flag in ("adrenalmnist3d", "breastmnist"):  # 28 -> 14 -> 7 (-> 4 in 3D: ceil of 3.5)
-        assert pooled.tokenizer(flag, 28).num_tokens == strided.tokenizer(flag, 28).num_tokens
-        x = _batch(flag, 28)
-        assert pooled(x, flag).shape == strided(x, flag).shape
+    # 28 -> 14 -> 7 (-> 4 in 3D: ceil of 3.5)
+    _assert_same_token_grid_and_outputs(pooled, strided, ["adrenalmnist3d", "breastmnist"])
     with pytest.raises(ValueError, match="stem_pool=1 must be true or false"):
         make_config("medformer_tiny_conv49", stem_pool=1)
 

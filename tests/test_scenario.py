@@ -231,7 +231,7 @@ ERROR_CASES = [
     ("override-value", _with("model.overrides", {"depth": "four"}), "model.overrides.depth",
      "expected an integer"),
     ("override-bool-field", _with("model.overrides", {"site_norms": 1}), "model.overrides.site_norms",
-     "expected true or false"),
+     "expected a boolean (true/false)"),
     ("override-unknown-field", _with("model.overrides", {"site_norm": True}), "model.overrides.site_norm",
      "did you mean 'site_norms'"),
     ("override-model-rule", _with("model.overrides", {"stem": "cnn"}), "model.overrides",
