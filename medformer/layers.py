@@ -1,9 +1,10 @@
 """Small building blocks of the Medformer, all Opacus-compatible.
 
 Attention is written from ``nn.Linear`` (Opacus has per-sample gradient rules for it, not for
-``nn.MultiheadAttention``); normalisation is LayerNorm only (no BatchNorm). Modules that own a raw
-``nn.Parameter`` take exactly one batched tensor as input: Opacus's functorch fallback recomputes
-their per-sample gradients from that first input alone.
+``nn.MultiheadAttention``); normalisation is LayerNorm or GroupNorm (no BatchNorm). Modules that own a
+raw ``nn.Parameter`` take exactly one batched tensor as input: Opacus's functorch fallback recomputes
+their per-sample gradients from that first input alone. (``MaskedGroupNorm`` takes a second, its
+keep mask, and has its own grad sampler in ``medformer.dp.clipping``.)
 """
 from __future__ import annotations
 
@@ -152,11 +153,43 @@ class PatchEmbed(nn.Module):
     def num_tokens(self) -> int:
         return self.grid**self.ndim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` [B, N] (1 = hidden) changes nothing: each token reads its own patch alone, so a
+        visible token never sees a hidden pixel (the same interface as :class:`ConvStem`)."""
         expected = (self.in_channels,) + (self.img_size,) * self.ndim
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
         return self.position(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics may skip hidden positions: SparK's sparse normalisation (Tian et al.
+    2023), per sample, for masked image modelling through a conv stem.
+
+    ``forward(x)`` is ``nn.GroupNorm``. ``forward(x, keep)``, keep [B, 1, *S] (1 = visible, 0 = hidden):
+    each sample's group mean and variance are taken over its visible positions only, and the output is
+    0 at hidden ones, so hidden positions change nothing that a visible one computes. Its per-sample
+    gradients (DP-SGD) come from ``medformer.dp.clipping``, which registers them with Opacus.
+    """
+
+    def normalised(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """x normalised per sample and group, before the affine: [B, C, *S] (0 at hidden positions)."""
+        if keep is None:
+            return F.group_norm(x, self.num_groups, eps=self.eps)
+        b, c = x.shape[:2]
+        grouped = x.reshape(b, self.num_groups, c // self.num_groups, -1)
+        visible = keep.reshape(b, 1, 1, -1).to(x.dtype)
+        count = (visible.sum(-1, keepdim=True) * grouped.shape[2]).clamp(min=1)
+        mean = (grouped * visible).sum((2, 3), keepdim=True) / count
+        centred = (grouped - mean) * visible
+        var = centred.square().sum((2, 3), keepdim=True) / count
+        return (centred * torch.rsqrt(var + self.eps)).reshape_as(x)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            return super().forward(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (self.normalised(x, keep) * self.weight.view(shape) + self.bias.view(shape)) * keep
 
 
 class ConvStem(nn.Module):
@@ -173,6 +206,11 @@ class ConvStem(nn.Module):
 
     2D: [B, C, H, W] -> [B, grid^2, dim];  3D: [B, C, D, H, W] -> [B, grid^3, dim]. Token i covers the
     ``patch``-sided cell i of the grid (what masked reconstruction masks and predicts).
+
+    Given a token ``mask`` (masked reconstruction), the stem is SparK's sparse convolution written
+    densely: every conv and pooling output is zeroed at hidden cells and every GroupNorm takes its
+    statistics over visible cells only (:class:`MaskedGroupNorm`), so a visible token neither reads a
+    hidden pixel nor sees the hard zero edges that zeroing hidden pixels in the image would leave.
     """
 
     def __init__(self, *, ndim: int, in_channels: int, img_size: int, grid: int, dim: int, width: int,
@@ -203,7 +241,7 @@ class ConvStem(nn.Module):
                 stride = 1
             layers.append(conv(c, out, kernel_size=3, stride=stride, padding=1, bias=not normed))
             if normed:
-                layers += [nn.GroupNorm(min(8, out), out), nn.GELU()]
+                layers += [MaskedGroupNorm(min(8, out), out), nn.GELU()]
             c = out
         self.convs = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(dim)
@@ -213,11 +251,37 @@ class ConvStem(nn.Module):
     def num_tokens(self) -> int:
         return self.grid**self.ndim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` [B, N] (1 = hidden), optional: the stem then runs sparse (see the class)."""
         expected = (self.in_channels,) + (self.img_size,) * self.ndim
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-        return self.position(self.norm(self.convs(x).flatten(2).transpose(1, 2)))
+        features = self.convs(x) if mask is None else self.sparse_convs(x, mask)
+        return self.position(self.norm(features.flatten(2).transpose(1, 2)))
+
+    def sparse_convs(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The conv stages with hidden cells kept out: [B, C, *S], mask [B, N] -> [B, dim, *grid].
+
+        A position at any resolution is hidden when the token-grid cell it lies in is (nearest-neighbour
+        resampling of the grid: at full resolution exactly the ``patch``-sided cells).
+        """
+        grid_keep = (1 - mask).to(x.dtype).reshape(x.shape[0], 1, *(self.grid,) * self.ndim)
+
+        def keep_at(h: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(grid_keep, size=h.shape[2:], mode="nearest")
+
+        keep = keep_at(x)
+        h = x * keep
+        for layer in self.convs:
+            if isinstance(layer, MaskedGroupNorm):
+                h = layer(h, keep)
+                continue
+            h = layer(h)
+            if not isinstance(layer, nn.GELU):  # GELU keeps a zero at zero
+                if h.shape[2:] != keep.shape[2:]:
+                    keep = keep_at(h)
+                h = h * keep
+        return h
 
 
 class Prepend(nn.Module):
@@ -287,5 +351,6 @@ def init_weights(module: nn.Module) -> None:
 
 __all__ = [
     "Adapter", "AddPosition", "Attention", "Block", "ConvStem", "CrossAttention", "CrossBlock", "MaskFill",
+    "MaskedGroupNorm",
     "Mlp", "PatchEmbed", "Prepend", "QueryTokens", "init_weights", "sincos_table",
 ]

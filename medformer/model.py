@@ -30,8 +30,10 @@ from medformer.layers import Adapter, Block, ConvStem, CrossBlock, PatchEmbed, P
 STEMS = ("patch", "conv")
 #: The task heads' readouts of the body's tokens (``MedformerConfig.global_pool``).
 GLOBAL_POOLS = ("map", "avg")
+#: How masked reconstruction keeps hidden cells out of a conv stem (``MedformerConfig.stem_masking``).
+STEM_MASKINGS = ("pixels", "sparse")
 #: The config's string fields and the values each takes.
-CHOICES = {"stem": STEMS, "global_pool": GLOBAL_POOLS}
+CHOICES = {"stem": STEMS, "global_pool": GLOBAL_POOLS, "stem_masking": STEM_MASKINGS}
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class MedformerConfig:
             validation with the CNN's widths, two convs a stage and ``global_pool="avg"``
             (benchmarks/results/cnnstem-val/): from scratch well above the default, but federated
             pretraining with today's pretexts fine-tunes below that model's own scratch numbers.
+        stem_masking: how masked reconstruction keeps the hidden cells out of a conv stem: ``pixels``
+            (they are zeroed in the image before the stem) or ``sparse`` (the stem runs as SparK's
+            sparse convolution: conv outputs zeroed at hidden cells, GroupNorm statistics over visible
+            ones; ``layers.ConvStem``). Only the ``conv`` stem reads it; the rest of training and
+            evaluation sees whole images either way.
         num_latents: latent tokens per dataset.
         adapter_dim: bottleneck width of the per-kind input adapter.
         global_pool: how a downstream task head reads the body's tokens: ``map`` (its query tokens
@@ -91,6 +98,7 @@ class MedformerConfig:
     stem_depth_2d: int = 1
     stem_depth_3d: int = 1
     stem_pool: bool = False
+    stem_masking: str = "pixels"
     num_latents: int = 2
     adapter_dim: int = 32
     global_pool: str = "map"
@@ -115,6 +123,9 @@ class MedformerConfig:
         if not problems:
             if self.dim % self.heads:
                 problems.append(f"heads={self.heads} must divide dim={self.dim}")
+            if self.stem_masking == "sparse" and self.stem != "conv":
+                problems.append(f"stem_masking='sparse' needs stem='conv' (stem={self.stem!r}: a patch token "
+                                "reads its own patch alone, so there is nothing to keep out)")
             if self.decoder_dim % self.decoder_heads:
                 problems.append(f"decoder_heads={self.decoder_heads} must divide decoder_dim={self.decoder_dim}")
         if problems:
@@ -158,6 +169,12 @@ PRESETS: dict[str, MedformerConfig] = {
                                                           stem_depth_3d=2, stem_pool=True, num_latents=1,
                                                           adapter_dim=8, num_queries=1, decoder_dim=16,
                                                           decoder_depth=1, decoder_heads=2),
+    # Tests of the sparse stem under masked reconstruction (``stem_masking="sparse"``): that pooled model.
+    "medformer_tiny_sparsepooldeepconv49_fr3d": MedformerConfig(dim=32, depth=1, heads=2, grid_2d=7, stem="conv",
+                                                                stem_width=8, stem_3d_full_res=True, stem_depth_2d=2,
+                                                                stem_depth_3d=2, stem_pool=True, stem_masking="sparse",
+                                                                num_latents=1, adapter_dim=8, num_queries=1,
+                                                                decoder_dim=16, decoder_depth=1, decoder_heads=2),
     # Wider and deeper, 49 linear patches: for machines with more compute.
     "medformer_base_patch49": MedformerConfig(dim=192, depth=6, heads=6, mlp_ratio=4.0, grid_2d=7, num_latents=4,
                                               adapter_dim=48, num_queries=4, decoder_dim=128, decoder_depth=2,
@@ -228,8 +245,9 @@ class InputAdaptformer(nn.Module):
         except KeyError:
             raise ValueError(f"no tokenizer for size {size}; this model has {list(self.tokenizers)}") from None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(self.tokenizer(x.shape[-1])(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` [B, N] (1 = hidden): the tokenizer keeps those cells out of the visible tokens."""
+        return self.adapter(self.tokenizer(x.shape[-1])(x, mask))
 
 
 class SiteNorms(nn.Module):
@@ -332,9 +350,10 @@ class Medformer(nn.Module):
             raise KeyError(f"dataset {dataset!r} is not in this model; it has {sorted(self.infos)}")
         return self.infos[dataset]
 
-    def patch_tokens(self, x: torch.Tensor, dataset: str) -> torch.Tensor:
-        """Image -> positioned, adapted patch tokens: [B, C, *S] -> [B, N, dim]."""
-        return self.inputs[self.info(dataset).input_kind](x)
+    def patch_tokens(self, x: torch.Tensor, dataset: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Image -> positioned, adapted patch tokens: [B, C, *S] -> [B, N, dim]. With ``mask`` [B, N]
+        (1 = hidden) a conv stem runs sparse (``layers.ConvStem``): no visible token reads a hidden cell."""
+        return self.inputs[self.info(dataset).input_kind](x, mask)
 
     def tokenizer(self, dataset: str, size: int) -> PatchEmbed | ConvStem:
         return self.inputs[self.info(dataset).input_kind].tokenizer(size)

@@ -36,6 +36,8 @@ CASES = [("breastmnist", "tiny"), ("retinamnist", "tiny"), ("adrenalmnist3d", "t
          ("vesselmnist3d", "medformer_tiny_conv49_fr3d"), ("breastmnist", "medformer_tiny_deepconv49_fr3d"),
          ("vesselmnist3d", "medformer_tiny_deepconv49_fr3d"), ("breastmnist", "medformer_tiny_pooldeepconv49_fr3d"),
          ("vesselmnist3d", "medformer_tiny_pooldeepconv49_fr3d"),
+         ("breastmnist", "medformer_tiny_sparsepooldeepconv49_fr3d"),
+         ("vesselmnist3d", "medformer_tiny_sparsepooldeepconv49_fr3d"),
          ("breastmnist", "medformer_small_patch16"), ("breastmnist", "default"), ("adrenalmnist3d", "default")]
 OBJECTIVES = {"mae": {"mae": 1.0}, "rotation": {"rotation": 1.0}, "mae+rotation": {"mae": 1.0, "rotation": 1.0}}
 B = 6
@@ -286,7 +288,8 @@ def _dp_step(model, objective, x, noise, labels, flag, *, clipping: str, clip: f
     return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
 
 
-DP_STEP_CASES = CASES[:3] + [("breastmnist", "medformer_tiny_conv49_sitenorm")]
+DP_STEP_CASES = CASES[:3] + [("breastmnist", "medformer_tiny_conv49_sitenorm"),
+                              ("vesselmnist3d", "medformer_tiny_sparsepooldeepconv49_fr3d")]
 
 
 @pytest.mark.parametrize(("flag", "preset"), DP_STEP_CASES, ids=_ids(DP_STEP_CASES))

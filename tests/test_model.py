@@ -334,6 +334,54 @@ def test_pooling_stem_halves_by_max_pooling_and_keeps_the_token_grid() -> None:
         make_config("medformer_tiny_conv49", stem_pool=1)
 
 
+def test_masked_group_norm_takes_statistics_over_visible_positions() -> None:
+    """Without a keep mask it is GroupNorm; with one, each sample's groups are normalised by the mean
+    and variance of their visible positions alone (computed here by gathering them), and hidden
+    positions come out 0."""
+    from medformer.layers import MaskedGroupNorm
+
+    torch.manual_seed(0)
+    norm = MaskedGroupNorm(2, 4).double()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    for spatial in ((5, 5), (3, 4, 5)):
+        x = torch.randn(3, 4, *spatial, dtype=torch.float64)
+        torch.testing.assert_close(norm(x), F.group_norm(x, 2, norm.weight, norm.bias, norm.eps))
+        keep = (torch.rand(3, 1, *spatial) > 0.5).double()
+        out = norm(x, keep)
+        for b in range(3):
+            visible = keep[b, 0] > 0
+            assert (out[b][:, ~visible] == 0).all()
+            for g in (slice(0, 2), slice(2, 4)):
+                seen = x[b, g][:, visible]
+                expected = (seen - seen.mean()) / (seen.var(unbiased=False) + norm.eps).sqrt()
+                expected = expected * norm.weight[g, None] + norm.bias[g, None]
+                torch.testing.assert_close(out[b, g][:, visible], expected)
+
+
+@pytest.mark.parametrize("preset", ["medformer_tiny_conv49", "medformer_tiny_sparsepooldeepconv49_fr3d"])
+@pytest.mark.parametrize("flag", ["retinamnist", "adrenalmnist3d"])
+def test_sparse_conv_stem_keeps_hidden_cells_out_of_visible_tokens(preset: str, flag: str) -> None:
+    """Given a token mask, a conv stem's visible tokens do not change when the hidden cells' pixels do
+    (zeroed or noise), and differ from the tokens of the image with those cells zeroed (whose zeros the
+    convolutions and norms would read); with nothing hidden it is the plain stem."""
+    torch.manual_seed(0)
+    stem = build_medformer(make_config(preset), [flag]).tokenizer(flag, 28).double()
+    x = _batch(flag, 28, b=2).double()
+    mask = (torch.rand(2, stem.num_tokens) < 0.6).double()
+    mask[:, 0] = 0.0  # at least one visible token each
+    hidden = F.interpolate(mask.reshape(2, 1, *(stem.grid,) * stem.ndim), size=x.shape[2:], mode="nearest")
+    noised = x * (1 - hidden) + torch.randn_like(x) * hidden
+    visible = mask == 0
+    with torch.no_grad():
+        tokens = stem(x, mask)
+        torch.testing.assert_close(stem(noised, mask)[visible], tokens[visible])
+        assert not torch.allclose(stem(x * (1 - hidden))[visible], tokens[visible])
+        torch.testing.assert_close(stem(x, torch.zeros_like(mask)), stem(x))
+    with pytest.raises(ValueError, match="stem_masking='sparse' needs stem='conv'"):
+        make_config("tiny", stem_masking="sparse")
+
+
 def test_avg_global_pool_head_reads_the_mean_patch_token() -> None:
     """``global_pool="avg"``: a task head is a LayerNorm and a Linear on the mean of the patch tokens
     (the latents left out), with no query tokens; ``map`` keeps them. A bad name is refused."""

@@ -13,6 +13,7 @@ from medformer.data import random_view
 from medformer.data import random_view as augment
 from medformer.layers import PatchEmbed
 from medformer.model import make_config
+from medformer.pretext.mae import hide_masked
 from medformer.pretext import (
     TASKS,
     Contrastive,
@@ -200,6 +201,25 @@ def test_mae_fixed_noise_fixes_the_mask() -> None:
     b = mae.masked_losses(model, x, "adrenalmnist3d", noise)
     assert a.shape == (3,) and torch.equal(a, b)
     assert not torch.equal(a, mae.masked_losses(model, x, "adrenalmnist3d", noise.flip(1)))
+
+
+@pytest.mark.parametrize("stem_masking", ["pixels", "sparse"])
+@pytest.mark.parametrize("flag", ["breastmnist", "adrenalmnist3d"])
+def test_mae_encoder_never_reads_masked_pixels(flag: str, stem_masking: str) -> None:
+    """Through a conv stem, whichever way it keeps masked cells out: the encoded visible tokens are the
+    same when the masked patches' pixels are replaced with noise."""
+    task = MaskedReconstruction()
+    model = build_pretext_model(make_config("medformer_tiny_pooldeepconv49_fr3d", stem_masking=stem_masking),
+                                [flag], PretextObjective({"mae": 1.0})).eval()
+    tok = model.tokenizer(flag, 28)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, *(28,) * tok.ndim, generator=g) * 2 - 1
+    ids_keep, mask = task.random_masking(torch.rand(2, tok.num_tokens, generator=g))
+    hidden = 1 - hide_masked(torch.ones_like(x), mask, tok.patch)
+    noised = x * (1 - hidden) + torch.randn(x.shape, generator=g) * hidden
+    with torch.no_grad():
+        torch.testing.assert_close(task.forward_encoder(model, noised, flag, ids_keep, mask),
+                                   task.forward_encoder(model, x, flag, ids_keep, mask))
 
 
 def test_distill_teacher_is_the_round_start_copy_moved_by_ema() -> None:

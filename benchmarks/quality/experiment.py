@@ -531,7 +531,8 @@ def holdout_split(splits: dict[str, MedMNISTSplit], task: str) -> dict[str, MedM
 
 #: Model and preset fields added after rows were stored, with the value that does what those rows
 #: did. At that value a field stays out of the fingerprints, so the rows are still found.
-LATER_MODEL_FIELDS: dict[str, Any] = {"stem_depth_2d": 1, "stem_depth_3d": 1, "stem_pool": False, "global_pool": "map"}
+LATER_MODEL_FIELDS: dict[str, Any] = {"stem_depth_2d": 1, "stem_depth_3d": 1, "stem_pool": False, "global_pool": "map",
+                                       "stem_masking": "pixels"}
 LATER_PRESET_FIELDS: dict[str, Any] = {"fine_tune_warmup": 0.0, "fine_tune_ema": 0.0, "fine_tune_head_first": 0.0}
 #: Fine-tune fields that a row which never fine-tunes does not read, at the value its stored rows were
 #: fingerprinted with: a new fine-tune recipe then leaves the probe rows found.

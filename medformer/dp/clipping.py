@@ -38,7 +38,10 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.utils import register_grad_sampler
 from torch import nn
+
+from medformer.layers import MaskedGroupNorm
 
 Grads = dict[nn.Parameter, torch.Tensor]
 
@@ -365,6 +368,24 @@ def _materialised(layer: nn.Module, uses: list[_Use], batch: int, trainable: set
         return {p: factor @ gs.reshape(batch, -1) for p, gs in per_sample.items()}
 
     return _Contribution(sq, clipped_sums)
+
+
+@register_grad_sampler(MaskedGroupNorm)
+def _masked_group_norm_per_sample(layer: MaskedGroupNorm, inputs: list[torch.Tensor],
+                                  grad: torch.Tensor) -> Grads:
+    """Per-sample gradients of a GroupNorm, with or without its keep mask (``inputs`` = [x] or [x, keep]).
+
+    Opacus's GroupNorm rule would renormalise over every position; a sparse stem's statistics skip
+    the hidden ones, and its affine output is zeroed there, so neither parameter sees them.
+    """
+    keep = inputs[1] if len(inputs) > 1 else None
+    visible_grad = grad if keep is None else grad * keep
+    out = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = (layer.normalised(inputs[0], keep) * visible_grad).flatten(2).sum(2)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = visible_grad.flatten(2).sum(2)
+    return out
 
 
 class HooksClipping:

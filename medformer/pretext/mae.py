@@ -6,10 +6,12 @@ tokens, ``forward_encoder`` runs only those (and the dataset's latents) through 
 tokens, and ``forward_loss`` is the mean squared error over the masked patches, each target
 normalised per patch (MAE's ``norm_pix_loss``). The loss of image i depends on image i alone.
 
-With a convolutional stem (``layers.ConvStem``) a token sees its neighbours' pixels, so the masked
-patches are zeroed in the image BEFORE the stem (as SparK and ConvMAE keep masked content out of
-their conv stages): no visible token carries a masked pixel. For a linear patch embedding this
-changes nothing (each token sees its own patch only).
+With a convolutional stem (``layers.ConvStem``) a token sees its neighbours' pixels, so masked content
+is kept out of the stem, in one of two ways (``MedformerConfig.stem_masking``): ``pixels`` zeroes the
+masked patches in the image before the stem; ``sparse`` runs the stem as SparK's sparse convolution
+(Tian et al. 2023), which also keeps the zeros out of its GroupNorm statistics and the hard edges
+between visible and zeroed cells out of its convolutions. Either way no visible token carries a
+masked pixel. For a linear patch embedding this changes nothing (each token sees its own patch only).
 """
 from __future__ import annotations
 
@@ -104,10 +106,13 @@ class MaskedReconstruction(PretextTask):
 
     def forward_encoder(self, model: Medformer, x: torch.Tensor, dataset: str, ids_keep: torch.Tensor,
                         mask: torch.Tensor) -> torch.Tensor:
-        """Masked pixels zeroed, then only the visible tokens (and the latents) through the body:
-        [B, T + n_keep, dim]."""
-        patch = model.tokenizer(dataset, x.shape[-1]).patch
-        tokens = model.patch_tokens(hide_masked(x, mask, patch), dataset)  # [B, N, dim]
+        """Masked cells kept out of the stem, then only the visible tokens (and the latents) through the
+        body: [B, T + n_keep, dim]."""
+        if model.cfg.stem_masking == "sparse":
+            tokens = model.patch_tokens(x, dataset, mask)  # [B, N, dim]
+        else:
+            patch = model.tokenizer(dataset, x.shape[-1]).patch
+            tokens = model.patch_tokens(hide_masked(x, mask, patch), dataset)
         visible = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
         return model.encode_tokens(visible, dataset)
 
