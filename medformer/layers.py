@@ -351,6 +351,5 @@ def init_weights(module: nn.Module) -> None:
 
 __all__ = [
     "Adapter", "AddPosition", "Attention", "Block", "ConvStem", "CrossAttention", "CrossBlock", "MaskFill",
-    "MaskedGroupNorm",
-    "Mlp", "PatchEmbed", "Prepend", "QueryTokens", "init_weights", "sincos_table",
+    "MaskedGroupNorm", "Mlp", "PatchEmbed", "Prepend", "QueryTokens", "init_weights", "sincos_table",
 ]

@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, vmap
 from medformer import data as D
 from medformer.data.files import _to_split
 from medformer.data import get_info
+from medformer.layers import MaskedGroupNorm
 from medformer.model import Medformer, MedformerConfig, build_medformer, keys_for_dataset, make_config, scope_of
 from medformer.pretext import TASKS, PretextObjective, build_pretext_model, num_rotations
 
@@ -338,8 +339,6 @@ def test_masked_group_norm_takes_statistics_over_visible_positions() -> None:
     """Without a keep mask it is GroupNorm; with one, each sample's groups are normalised by the mean
     and variance of their visible positions alone (computed here by gathering them), and hidden
     positions come out 0."""
-    from medformer.layers import MaskedGroupNorm
-
     torch.manual_seed(0)
     norm = MaskedGroupNorm(2, 4).double()
     nn.init.normal_(norm.weight)
