@@ -9,6 +9,7 @@ keep mask, and has its own grad sampler in ``medformer.dp.clipping``.)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,14 @@ class MaskedGroupNorm(nn.GroupNorm):
         return (self.normalised(x, keep) * self.weight.view(shape) + self.bias.view(shape)) * keep
 
 
+def visible_map(mask: torch.Tensor, grid: int, size: Sequence[int]) -> torch.Tensor:
+    """Token mask [B, N] (1 = hidden, row-major over a ``grid``-sided token grid) -> [B, 1, *size], 1 where
+    visible, for any spatial ``size``: each position takes the token cell it lies in (nearest-neighbour
+    resampling; when ``grid`` divides ``size``, exactly the ``size // grid``-sided patch cells)."""
+    keep = (1 - mask).float().reshape(mask.shape[0], 1, *(grid,) * len(size))
+    return F.interpolate(keep, size=tuple(size), mode="nearest")
+
+
 class ConvStem(nn.Module):
     """Convolutional tokenizer: 3x3 convolutions (GroupNorm, GELU) that halve the resolution down to
     the token grid, then LayerNorm and positions ("early convolutions help transformers see better",
@@ -265,12 +274,7 @@ class ConvStem(nn.Module):
         A position at any resolution is hidden when the token-grid cell it lies in is (nearest-neighbour
         resampling of the grid: at full resolution exactly the ``patch``-sided cells).
         """
-        grid_keep = (1 - mask).to(x.dtype).reshape(x.shape[0], 1, *(self.grid,) * self.ndim)
-
-        def keep_at(h: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(grid_keep, size=h.shape[2:], mode="nearest")
-
-        keep = keep_at(x)
+        keep = visible_map(mask, self.grid, x.shape[2:]).to(x.dtype)
         h = x * keep
         for layer in self.convs:
             if isinstance(layer, MaskedGroupNorm):
@@ -279,7 +283,7 @@ class ConvStem(nn.Module):
             h = layer(h)
             if not isinstance(layer, nn.GELU):  # GELU keeps a zero at zero
                 if h.shape[2:] != keep.shape[2:]:
-                    keep = keep_at(h)
+                    keep = visible_map(mask, self.grid, h.shape[2:]).to(h.dtype)
                 h = h * keep
         return h
 
@@ -352,4 +356,5 @@ def init_weights(module: nn.Module) -> None:
 __all__ = [
     "Adapter", "AddPosition", "Attention", "Block", "ConvStem", "CrossAttention", "CrossBlock", "MaskFill",
     "MaskedGroupNorm", "Mlp", "PatchEmbed", "Prepend", "QueryTokens", "init_weights", "sincos_table",
+    "visible_map",
 ]

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, vmap
 from medformer import data as D
 from medformer.data.files import _to_split
 from medformer.data import get_info
-from medformer.layers import MaskedGroupNorm
+from medformer.layers import MaskedGroupNorm, visible_map
 from medformer.model import Medformer, MedformerConfig, build_medformer, keys_for_dataset, make_config, scope_of
 from medformer.pretext import TASKS, PretextObjective, build_pretext_model, num_rotations
 
@@ -356,6 +356,22 @@ def test_masked_group_norm_takes_statistics_over_visible_positions() -> None:
                 expected = (seen - seen.mean()) / (seen.var(unbiased=False) + norm.eps).sqrt()
                 expected = expected * norm.weight[g, None] + norm.bias[g, None]
                 torch.testing.assert_close(out[b, g][:, visible], expected)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_visible_map_marks_each_position_by_its_token_cell(ndim: int) -> None:
+    """At a size the grid divides, every position of token cell i is visible exactly when token i is;
+    at a size it does not (a stem's odd intermediate sides), each position still takes one cell's value."""
+    grid, patch = 4, 7
+    mask = (torch.rand(2, grid**ndim, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    keep = visible_map(mask, grid, (grid * patch,) * ndim)
+    cells = keep.unfold(2, patch, patch).unfold(3, patch, patch)
+    if ndim == 3:
+        cells = cells.unfold(4, patch, patch)
+    cells = cells.reshape(2, grid**ndim, -1)  # [B, token, pixels of its cell], row-major like the mask
+    assert (cells == (1 - mask)[..., None]).all()
+    odd = visible_map(mask, grid, (7,) * ndim)
+    assert odd.shape == (2, 1) + (7,) * ndim and set(odd.unique().tolist()) <= {0.0, 1.0}
 
 
 @pytest.mark.parametrize("preset", ["medformer_tiny_conv49", "medformer_tiny_sparsepooldeepconv49_fr3d"])

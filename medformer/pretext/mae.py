@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from medformer.data import get_info
-from medformer.layers import AddPosition, Block, MaskFill
+from medformer.layers import AddPosition, Block, MaskFill, visible_map
 from medformer.model import Medformer, MedformerConfig
 from medformer.pretext.base import PretextTask, patchify
 from medformer.seeding import derived_seed
@@ -38,12 +38,7 @@ def geometry(cfg: MedformerConfig, flag: str, size: int) -> tuple[str, int, int,
 def hide_masked(x: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
     """Images with the masked patches set to 0: x [B, C, *S], mask [B, N] (1 = masked) on the token
     grid (row-major, as ``patchify``), ``patch`` pixels per token side."""
-    b, ndim = x.shape[0], x.dim() - 2
-    grid = x.shape[-1] // patch
-    keep = (1 - mask).view(b, 1, *(grid,) * ndim)
-    for axis in range(2, 2 + ndim):
-        keep = keep.repeat_interleave(patch, dim=axis)
-    return x * keep.to(x.dtype)
+    return x * visible_map(mask, x.shape[-1] // patch, x.shape[2:]).to(x.dtype)
 
 
 class MAEDecoder(nn.Module):
