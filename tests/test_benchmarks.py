@@ -80,6 +80,7 @@ def test_quality_quick_writes_every_row_and_resumes(tmp_path, real_data_dir):
     assert all(machine["versions"][k] for k in ("torch", "flwr", "opacus", "medmnist"))
     assert payload["command"].startswith("python -m benchmarks.quality") and "--quick" in payload["command"]
     assert {r["cpu_model"] for r in rows} == {machine["cpu_model"]}  # each row says where it ran
+    assert all(r["cpu_flags"] == machine["cpu_flags"] for r in rows)
     assert payload["rows_measured_on"] == {machine["cpu_model"]: len(METHODS)}
     assert payload["seeds"] == [0] and payload["wall_seconds"] >= 0
     assert payload["complete"] and payload["rows_done"] == len(METHODS)

@@ -48,3 +48,29 @@ def test_round_seed_and_history_choice():
     assert longer_history(short, long) == long and longer_history(None, short) == short
     assert longer_history(None, None) is None
     assert np.isscalar(round_seed(1, "x", 1))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_round_without_dp_is_reproducible(real_data_dir):
+    """The same instructions and weights train to bitwise-equal weights (seeded masks, views and shuffling):
+    what lets a validation study rerun a pretraining, and the benchmark cache one."""
+    import torch
+
+    from client.round import train_round
+    from config import ModelSpec, Site, TrainingSpec
+    from medformer.model import make_config
+    from medformer.pretext import PretextObjective, build_pretext_model
+    from protocol import RoundInstructions
+
+    pretext = {"mae": 1.0, "contrastive": 1.0}
+    site = Site("breast", "breastmnist", data_dir=str(real_data_dir))
+    ins = RoundInstructions(round=1, seed=0, site=site, model=ModelSpec(preset="medformer_tiny_conv49"),
+                            pretext=pretext, mask_ratio=0.75, privacy=None, data_dir=str(real_data_dir), device="cpu",
+                            training=TrainingSpec(rounds=1, local_steps=3, batch_size=16))
+    torch.manual_seed(0)
+    model = build_pretext_model(make_config("medformer_tiny_conv49"), [("breastmnist", 28)], PretextObjective(pretext))
+    received = model.state_dict()
+    first, second = (train_round(ins, site, {k: v.clone() for k, v in received.items()}, ledger_state=None,
+                                 optimizer_state=None).trained for _ in range(2))
+    assert any(not torch.equal(first[k], received[k]) for k in received)
+    assert all(torch.equal(first[k], second[k]) for k in first)

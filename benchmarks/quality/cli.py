@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("quality (%s, fingerprint %s): %d rows done, %d to run; %d threads; data %s", preset_name,
              exp.fingerprint, len(mine), 0 if args.summary_only else len(todo), torch.get_num_threads(), data_dir)
     interrupted = False
-    cpu_model = machine_info()["cpu_model"]  # each row says where it ran: a summary may gather several machines
+    # each row says where it ran: a summary may gather several machines, and the SIMD flags matter too:
+    # the same seed trains bitwise alike on one CPU but not across generations (avx2 vs avx512 kernels)
+    machine = machine_info()
     if not args.summary_only:
         for i, (method, dataset, seed) in enumerate(todo, 1):
             if (method, dataset, seed) in stored_rows(jsonl, exp, fingerprints):
@@ -191,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                    "preset": preset_name, "split": args.split, "method": method, "dataset": dataset, "seed": seed,
                    "overrides": {"set": args.set, "dp_set": args.dp_set, "ft": args.ft, "rounds": args.rounds},
                    "metrics": metrics, "seconds": round(time.perf_counter() - t0, 3),
-                   "threads": torch.get_num_threads(), "load_average": load_average(), "cpu_model": cpu_model,
-                   "finished_at": now()}
+                   "threads": torch.get_num_threads(), "load_average": load_average(),
+                   "cpu_model": machine["cpu_model"], "cpu_flags": machine["cpu_flags"], "finished_at": now()}
             if earlier:
                 carried = earlier["seconds"] - earlier["metrics"]["linear_probe"].get("seconds", 0.0)
                 row["seconds"] = round(row["seconds"] + carried, 3)
