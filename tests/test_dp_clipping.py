@@ -39,7 +39,8 @@ CASES = [("breastmnist", "tiny"), ("retinamnist", "tiny"), ("adrenalmnist3d", "t
          ("breastmnist", "medformer_tiny_sparsepooldeepconv49_fr3d"),
          ("vesselmnist3d", "medformer_tiny_sparsepooldeepconv49_fr3d"),
          ("breastmnist", "medformer_small_patch16"), ("breastmnist", "default"), ("adrenalmnist3d", "default")]
-OBJECTIVES = {"mae": {"mae": 1.0}, "rotation": {"rotation": 1.0}, "mae+rotation": {"mae": 1.0, "rotation": 1.0}}
+OBJECTIVES = {"mae": {"mae": 1.0}, "rotation": {"rotation": 1.0}, "mae+rotation": {"mae": 1.0, "rotation": 1.0},
+              "site_rotation": {"site_rotation": 1.0}}
 B = 6
 
 

@@ -153,7 +153,30 @@ def test_per_sample_flags() -> None:
     assert MaskedReconstruction.per_sample and RotationPrediction.per_sample and SimSiam.per_sample
     assert SelfDistillation.per_sample and DimensionBridge.per_sample
     assert not Contrastive.per_sample
-    assert set(TASKS) == {"mae", "rotation", "simsiam", "contrastive", "distill", "bridge"}
+    assert set(TASKS) == {"mae", "rotation", "site_rotation", "simsiam", "contrastive", "distill", "bridge"}
+
+
+def test_site_rotation_keys_a_classifier_per_dataset() -> None:
+    """``rotation`` shares one classifier per dimensionality; ``site_rotation`` gives each dataset its own,
+    so a site's model (and what it sends) holds only its dataset's, and each trains only on its data."""
+    cfg = make_config("tiny")
+    both = [("breastmnist", 28), ("retinamnist", 28), ("adrenalmnist3d", 28)]
+
+    def head_keys(task: str, datasets) -> set[str]:
+        model = build_pretext_model(cfg, datasets, PretextObjective({task: 1.0}))
+        return {k.split(".")[3] for k in model.state_dict() if k.startswith(f"outputs.{task}.heads.")}
+
+    assert head_keys("rotation", both) == {"2d", "3d"}
+    assert head_keys("site_rotation", both) == {"breastmnist", "retinamnist", "adrenalmnist3d"}
+    assert head_keys("site_rotation", both[:1]) == {"breastmnist"}
+
+    torch.manual_seed(0)
+    model = build_pretext_model(cfg, both[:2], PretextObjective({"site_rotation": 1.0}))
+    task = TASKS["site_rotation"]()
+    task.losses(model, torch.randn(3, 1, 28, 28), "breastmnist", torch.Generator().manual_seed(0)).sum().backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if k.startswith("outputs.site_rotation.")}
+    assert all(g is not None and g.abs().sum() > 0 for k, g in grads.items() if ".breastmnist." in k)
+    assert all(g is None for k, g in grads.items() if ".retinamnist." in k)
 
 
 def test_objective_validation() -> None:
@@ -276,7 +299,8 @@ def test_bridge_trains_the_2d_tokenizer_at_3d_sites_and_nothing_at_2d_sites() ->
 # thread; 3D two-view tasks pay ~0.2 s a step for resampling two 64 x 28^3 views). Contrastive on 3D
 # sits at chance (log 127) for ~30 steps before it falls; rotation on 3D needs ~150.
 STEPS = {
-    "pneumoniamnist": {"mae": 150, "rotation": 150, "simsiam": 100, "contrastive": 150, "distill": 100},
+    "pneumoniamnist": {"mae": 150, "rotation": 150, "site_rotation": 150, "simsiam": 100, "contrastive": 150,
+                       "distill": 100},
     "adrenalmnist3d": {"mae": 80, "rotation": 200, "simsiam": 50, "contrastive": 60, "distill": 50, "bridge": 60},
 }
 CASES = [(flag, task) for flag, tasks in STEPS.items() for task in tasks]

@@ -1,7 +1,8 @@
 """Self-supervised pretext tasks, one interface (``base.PretextTask``), 2D and 3D alike.
 
 ``mae``          masked reconstruction (``mae.py``)
-``rotation``     rotation prediction (``rotation.py``)
+``rotation``     rotation prediction, one classifier per dimensionality (``rotation.py``)
+``site_rotation`` rotation prediction, one classifier per dataset (``rotation.py``)
 ``simsiam``      two views, predictor + stop-gradient (``two_view.py``)
 ``contrastive``  two views, in-batch negatives: not per-sample, refused under DP-SGD (``two_view.py``)
 ``distill``      two views, an EMA teacher, no negatives (BYOL; ``distill.py``)
@@ -22,16 +23,16 @@ from medformer.pretext.base import PretextTask, patchify
 from medformer.pretext.bridge import DimensionBridge
 from medformer.pretext.distill import SelfDistillation
 from medformer.pretext.mae import MAEDecoder, MaskedReconstruction
-from medformer.pretext.rotation import RotationPrediction, num_rotations, rotate
+from medformer.pretext.rotation import RotationPrediction, SiteRotation, num_rotations, rotate
 from medformer.pretext.two_view import Contrastive, SimSiam
 
 __all__ = ["TASKS", "Contrastive", "DimensionBridge", "MAEDecoder", "MaskedReconstruction", "PretextObjective",
-           "PretextTask", "RotationPrediction", "SelfDistillation", "SimSiam", "build_pretext_model", "num_rotations",
-           "patchify", "rotate"]
+           "PretextTask", "RotationPrediction", "SelfDistillation", "SimSiam", "SiteRotation", "build_pretext_model",
+           "num_rotations", "patchify", "rotate"]
 
 TASKS: dict[str, type[PretextTask]] = {
-    t.name: t for t in (MaskedReconstruction, RotationPrediction, SimSiam, Contrastive, SelfDistillation,
-                        DimensionBridge)
+    t.name: t for t in (MaskedReconstruction, RotationPrediction, SiteRotation, SimSiam, Contrastive,
+                        SelfDistillation, DimensionBridge)
 }
 
 
