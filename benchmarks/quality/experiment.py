@@ -87,7 +87,10 @@ class Preset:
     # No overrides: the scenario's 5 rounds. 10 rounds probed no better on validation (seed 0, mae +
     # contrastive, val AUC breast / pneumonia / retina / adrenal / vessel): 10 rounds 0.835 / 0.990 /
     # 0.820 / 0.831 / 0.741 (mean 0.843) against 5 rounds 0.848 / 0.989 / 0.813 / 0.840 / 0.739
-    # (0.846), at twice the cost; rows in benchmarks/results/quality-full-val.jsonl.
+    # (0.846), at twice the cost; rows in benchmarks/results/quality-full-val.jsonl. 15 rounds of the
+    # 2D federation with medformer_small_conv49_fr3d, seeds 0 and 1, probed level with 5 at three times
+    # the cost (breast / pneumonia / retina 0.872 / 0.994 / 0.814 against 0.875 / 0.990 / 0.816;
+    # benchmarks/results/pretext-c-val/).
     sets: tuple[str, ...] = ()
     fine_tune_epochs: int = 20
     fine_tune_lr: float = 1e-3
