@@ -1,13 +1,19 @@
-"""A hospital's identity and local data, as the ClientApp resolves them (no Flower runtime)."""
+"""A hospital's identity, local data and round, as the ClientApp resolves and trains them (no Flower runtime)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from client.round import train_round
 from client.site import SiteConfigError, local_data
 from client.site import site_from_node_config as identity_from_node_config
 from client.policy import trusted_history as longer_history
+from config import ModelSpec, Site, TrainingSpec
+from medformer.model import make_config
+from medformer.pretext import PretextObjective, build_pretext_model
 from medformer.seeding import round_seed
+from protocol import RoundInstructions
 from synthetic import write_synthetic_npz
 
 
@@ -54,14 +60,6 @@ def test_round_seed_and_history_choice():
 def test_a_round_without_dp_is_reproducible(real_data_dir):
     """The same instructions and weights train to bitwise-equal weights (seeded masks, views and shuffling):
     what lets a validation study rerun a pretraining, and the benchmark cache one."""
-    import torch
-
-    from client.round import train_round
-    from config import ModelSpec, Site, TrainingSpec
-    from medformer.model import make_config
-    from medformer.pretext import PretextObjective, build_pretext_model
-    from protocol import RoundInstructions
-
     pretext = {"mae": 1.0, "contrastive": 1.0}
     site = Site("breast", "breastmnist", data_dir=str(real_data_dir))
     ins = RoundInstructions(round=1, seed=0, site=site, model=ModelSpec(preset="medformer_tiny_conv49"),
