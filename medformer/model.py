@@ -66,8 +66,8 @@ class MedformerConfig:
             validation with the CNN's widths, two convs a stage and ``global_pool="avg"``
             (benchmarks/results/cnnstem-val/): from scratch well above the default, but federated
             pretraining with today's pretexts fine-tunes below that model's own scratch numbers, and
-            no pretext tried (mae, contrastive, rotation, site_rotation, distill) probes above its
-            random init (benchmarks/results/pretext-c-val/).
+            no pretext tried (mae, contrastive, rotation, site_rotation, distill) lifts its random-init
+            probe beyond seed noise, nor at all on retina (benchmarks/results/pretext-c-val/).
         stem_masking: how masked reconstruction keeps the hidden cells out of a conv stem: ``pixels``
             (they are zeroed in the image before the stem) or ``sparse`` (the stem runs as SparK's
             sparse convolution: conv outputs zeroed at hidden cells, GroupNorm statistics over visible
